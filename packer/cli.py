@@ -1,0 +1,205 @@
+"""The `packer` command line: thin wiring from options to typed functions, errors to clean messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+import numpy as np
+
+from packer import __version__
+
+OUT_DEFAULT = "out"
+
+
+def _asset(name: str) -> str:
+    return str(resources.files("packer") / "assets" / name)
+
+
+class _LazyGroup(click.Group):
+    """Loads `packer train` (which needs torch) only when it is asked for."""
+
+    lazy = {"train": ("trainer.cli", "train_command")}
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module, attr = self.lazy[name]
+            try:
+                mod = __import__(module, fromlist=[attr])
+            except ImportError as e:
+                raise click.ClickException(
+                    f"`packer {name}` needs PyTorch ({e}); install it with: pip install 'packer[train]'"
+                ) from e
+            return getattr(mod, attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="packer")
+def main() -> None:
+    """Turn instruction and text data into packed, boundary-indexed training data (Megatron .bin/.idx)."""
+
+
+def _parse_map_keys(ctx, param, value: str | None) -> dict[str, str]:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON ({e.msg}); example: '{{\"output\": \"response\"}}'") from e
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()):
+        raise click.BadParameter('must be a JSON object of field -> column names, e.g. \'{"output": "response"}\'')
+    return parsed
+
+
+@main.command()
+@click.option("--handler", required=True, type=click.Choice(["alpaca", "belle", "moss", "text"]),
+              help="Input format.")
+@click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
+              help="A .json (array), .jsonl or .parquet file; repeat for several. Default: the bundled demo data.")
+@click.option("--tokenizer", type=click.Path(),
+              help="tokenizer.json, or a directory holding it (+ tokenizer_config.json). Default: bundled GPT-2.")
+@click.option("--seq-length", type=int, default=2048, show_default=True, help="Max tokens per pack.")
+@click.option("--output-prefix", type=click.Path(), help=f"Output prefix. Default: {OUT_DEFAULT}/<handler>.")
+@click.option("--eod-token", help="End-of-document token (default: tokenizer_config eos_token, else a known one).")
+@click.option("--map-keys", callback=_parse_map_keys, help="JSON object renaming handler fields to your columns.")
+@click.option("--json-keys", default="text", show_default=True,
+              help="text handler: comma-separated columns holding the text.")
+@click.option("--template", help="Prompt template (alpaca: alpaca, chatml, llama2, llama3, plain).")
+@click.option("--system", help="System prompt for records that carry none (templates that have one).")
+@click.option("--train-on-prompt", is_flag=True, help="Loss on every token, not only the responses.")
+@click.option("--last-turn-only", is_flag=True, help="Multi-turn data: loss on the final answer only.")
+@click.option("--overflow", type=click.Choice(["truncate", "split", "drop", "error"]),
+              help="Samples longer than --seq-length. Default: truncate (instruction data), split (text).")
+@click.option("--pack", "pack_algorithm", default="bfd", show_default=True,
+              type=click.Choice(["bfd", "ffd", "nf", "none"]),
+              help="bfd/ffd: best/first-fit-decreasing; nf: next-fit in data order; none: one sample per pack.")
+@click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="Malformed records: fail, or skip, count and write them to PREFIX.rejects.jsonl.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer processes.")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Records per encode_batch call.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
+def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,
+          train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, workers, batch_size, quiet,
+          json_summary) -> None:
+    """Tokenize, pack and write PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json."""
+    from packer.build import BuildConfig, BuildError
+    from packer.build import build as run_build
+    from packer.sources import InputError
+    from packer.tokenize import TokenizerError
+
+    if not inputs:
+        if handler != "alpaca":
+            raise click.UsageError(f"--input is required for --handler {handler} (only alpaca has bundled demo data)")
+        inputs = (_asset("demo_alpaca.json"),)
+    config = BuildConfig(
+        handler=handler,
+        inputs=tuple(inputs),
+        tokenizer=tokenizer or _asset("gpt2"),
+        seq_length=seq_length,
+        output_prefix=output_prefix or str(Path(OUT_DEFAULT) / handler),
+        eod_token=eod_token,
+        map_keys=map_keys,
+        json_keys=tuple(k.strip() for k in json_keys.split(",") if k.strip()),
+        template=template,
+        system=system,
+        train_on_prompt=train_on_prompt,
+        last_turn_only=last_turn_only,
+        overflow=overflow,
+        pack=pack_algorithm,
+        on_error=on_error,
+        workers=workers,
+        batch_size=batch_size,
+    )
+    try:
+        result = run_build(config, progress=not quiet and sys.stderr.isatty())
+    except (BuildError, InputError, TokenizerError) as e:
+        raise click.ClickException(str(e)) from e
+    if json_summary:
+        click.echo(json.dumps({k: result.manifest[k] for k in ("counts", "packing", "seconds")}, indent=2))
+        return
+    c = result.counters
+    click.echo(
+        f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}_loss_mask.{{bin,idx}}\n"
+        f"  records {c.records:,}  skipped {c.skipped:,}  samples {c.samples:,}  tokens {c.tokens:,} "
+        f"(targets {c.target_tokens:,})\n"
+        f"  packs {result.num_packs:,} (lower bound {result.lower_bound:,})  efficiency {result.efficiency:.2%}\n"
+        f"  overflow ({result.manifest['config']['overflow_effective']}): truncated {c.truncated:,}  "
+        f"split {c.split:,}  dropped {c.dropped:,}  dropped without target {c.dropped_no_target:,}\n"
+        f"  {result.seconds['total']:.1f}s ({c.tokens / max(result.seconds['tokenize'], 1e-9):,.0f} tokens/s "
+        "tokenizing)"
+        + (f"\n  skipped records written to {result.prefix}.rejects.jsonl" if c.skipped else "")
+    )
+
+
+@main.command()
+@click.argument("prefix")
+@click.option("--no-checksums", is_flag=True, help="Skip the sha256 comparison (faster on huge builds).")
+def verify(prefix: str, no_checksums: bool) -> None:
+    """Check every structural invariant and checksum of a build; exit 1 on any inconsistency."""
+    from packer.verify import verify as run_verify
+
+    rep = run_verify(prefix, checksums=not no_checksums)
+    for w in rep.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not rep.ok:
+        for e in rep.errors:
+            click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    s = rep.stats
+    click.echo(f"OK {prefix}: {s['packs']:,} packs, {s['samples']:,} samples, {s['tokens']:,} tokens")
+
+
+@main.command()
+@click.argument("prefix")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(prefix: str, as_json: bool) -> None:
+    """Counts, packing efficiency and length histograms of a build."""
+    from packer.dataset import PackedDataset
+    from packer.verify import describe, histogram
+
+    try:
+        ds = PackedDataset(prefix)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    lens = ds.tokens.sequence_lengths.astype(np.int64)
+    docs = ds.tokens.document_indices
+    csum = np.concatenate([[0], np.cumsum(lens)])
+    pack_tokens = csum[docs[1:]] - csum[docs[:-1]]
+    m = ds.manifest
+    stats = describe(m, lens, pack_tokens, np.diff(docs), m["counts"]["target_tokens"])
+    if as_json:
+        click.echo(json.dumps({"manifest": m, "stats": stats}, indent=2))
+        return
+    tok = m["tokenizer"]
+    click.echo(f"{prefix}  (packer {m['packer_version']}, built {m['created']})")
+    click.echo(f"  handler {m['config']['handler']}  seq_length {ds.seq_length}  pack {m['packing']['algorithm']}  "
+               f"tokens {m['token_dtype']}")
+    click.echo(f"  tokenizer {tok['path']}  vocab {tok['vocab_size']}  EOD {tok['eod_token']!r}={tok['eod_id']}  "
+               f"BOS {tok['bos_id']}")
+    c = m["counts"]
+    click.echo(f"  records {c['records']:,}  skipped {c['skipped']:,}  samples {c['samples']:,}  "
+               f"tokens {c['tokens']:,}  targets {c['target_tokens']:,}")
+    click.echo(f"  truncated {c['truncated']:,}  split {c['split']:,}  dropped {c['dropped']:,}  "
+               f"dropped without target {c['dropped_no_target']:,}")
+    click.echo(f"  packs {stats['packs']:,}  lower bound {stats['lower_bound']:,}  efficiency {stats['efficiency']:.2%}")
+    for title, x in (("sample length", lens), ("tokens per pack", pack_tokens), ("samples per pack", np.diff(docs))):
+        click.echo(f"\n{title}: {stats[_key(title)]}")
+        for line in histogram(x):
+            click.echo("  " + line)
+
+
+def _key(title: str) -> str:
+    return {"sample length": "sample_length", "tokens per pack": "pack_tokens",
+            "samples per pack": "docs_per_pack"}[title]
+
+
+if __name__ == "__main__":
+    main()

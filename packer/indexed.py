@@ -1,0 +1,301 @@
+"""Megatron `MMIDIDX` indexed dataset: byte-exact writer and reader.
+
+A dataset is two files. `PREFIX.bin` holds the token ids of every sequence back to back, nothing else.
+`PREFIX.idx` (all integers little-endian):
+
+    offset  size       field
+    0       9          magic  b"MMIDIDX\\x00\\x00"
+    9       8   <Q     version = 1
+    17      1   <B     dtype code of .bin (DTYPE_CODES: 1 uint8, 4 int32, 8 uint16, ...)
+    18      8   <Q     S = sequence count
+    26      8   <Q     D = document_indices count (= documents + 1)
+    34      4*S int32  sequence_lengths   tokens per sequence
+    ...     8*S int64  sequence_pointers  byte offset of each sequence in .bin
+    ...     8*D int64  document_indices   [0, end_0, end_1, ...]: document d is sequences
+                                          document_indices[d] .. document_indices[d+1]-1
+
+This is exactly what `megatron.core.datasets.indexed_dataset.IndexedDataset(PREFIX)` reads (its reader
+hard-codes the 34-byte header). In packer a *sequence* is one sample (ending with EOD) and a *document* is
+one pack; see docs/format.md.
+
+The writer is a builder (`add_sequence`, `end_document`, `finalize`, `commit`) and a context manager: it
+streams into temporary files next to the target and renames them into place only in `commit()`, so a failed
+or interrupted run never leaves a `PREFIX.idx` that looks valid. Sequence lengths and document indices are
+spilled to temporary files as they grow, so memory stays bounded whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document_indices count
+assert HEADER.size == 34
+
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+_CHUNK = 1 << 20  # items buffered in memory before spilling / per streamed copy
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """Megatron's rule (DType.optimal_dtype): uint16 when the vocabulary has fewer than 65500 ids."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def data_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def index_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+class _Spill:
+    """An append-only int array kept in a temp file, for index columns of unbounded length."""
+
+    def __init__(self, dtype: type[np.number], directory: Path):
+        self.dtype = np.dtype(dtype)
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=".packer-spill-")  # noqa: SIM115
+        self._buf = np.empty(_CHUNK, dtype=self.dtype)
+        self._n = 0  # items in _buf
+        self.count = 0  # items in total
+
+    def append(self, value: int) -> None:
+        self._buf[self._n] = value
+        self._n += 1
+        self.count += 1
+        if self._n == _CHUNK:
+            self._flush()
+
+    def extend(self, values: np.ndarray) -> None:
+        self._flush()
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        self._file.write(values.tobytes())
+        self.count += values.size
+
+    def _flush(self) -> None:
+        if self._n:
+            self._file.write(self._buf[: self._n].tobytes())
+            self._n = 0
+
+    def chunks(self):
+        """Yield the whole column in order, _CHUNK items at a time."""
+        self._flush()
+        self._file.seek(0)
+        while True:
+            raw = self._file.read(_CHUNK * self.dtype.itemsize)
+            if not raw:
+                return
+            yield np.frombuffer(raw, dtype=self.dtype)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class IndexedDatasetWriter:
+    """Streaming builder of one `.bin/.idx` pair.
+
+        with IndexedDatasetWriter(prefix, np.uint16) as w:
+            for pack in packs:
+                for sample in pack:
+                    w.add_sequence(sample_ids)
+                w.end_document()
+            w.finalize()   # .idx written, still under temporary names
+            w.commit()     # renamed into place: .bin first, .idx last
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: type[np.number]):
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"dtype {self.dtype} has no MMIDIDX code; use one of {sorted(map(str, CODE_OF_DTYPE))}")
+        self.bin_path, self.idx_path = data_path(prefix), index_path(prefix)
+        directory = self.bin_path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        self.tmp_bin = self.bin_path.with_name(self.bin_path.name + tag)
+        self.tmp_idx = self.idx_path.with_name(self.idx_path.name + tag)
+        self._bin = open(self.tmp_bin, "wb")  # noqa: SIM115 -- closed in finalize/abort
+        self._lengths = _Spill(np.int32, directory)
+        self._doc_ends = _Spill(np.int64, directory)
+        self._doc_ends.append(0)
+        self._doc_ends_last = 0
+        self._max_id = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
+        self.tokens = 0
+        self._finalized = False
+        self._committed = False
+
+    # -- building ---------------------------------------------------------------------------------
+    def add_sequence(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"a sequence must be 1-D, got shape {ids.shape}")
+        if ids.size and self._max_id is not None and (ids.max() > self._max_id or ids.min() < 0):
+            raise ValueError(f"token id out of range for {self.dtype}: [{ids.min()}, {ids.max()}]")
+        self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
+        self._lengths.append(ids.size)
+        self.tokens += ids.size
+
+    def add_sequences(self, flat_ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many sequences at once: `flat_ids` is their concatenation, `lengths` their sizes."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.sum() != len(flat_ids):
+            raise ValueError(f"lengths sum to {lengths.sum()} but {len(flat_ids)} ids were given")
+        self._bin.write(np.asarray(flat_ids).astype(self.dtype, copy=False).tobytes())
+        self._lengths.extend(lengths.astype(np.int32))
+        self.tokens += int(lengths.sum())
+
+    def end_document(self) -> None:
+        self._doc_ends.append(self._lengths.count)
+        self._doc_ends_last = self._lengths.count
+
+    def end_documents(self, sequence_counts: np.ndarray) -> None:
+        """End several documents at once: the last sequences added form documents of these many sequences."""
+        counts = np.asarray(sequence_counts, dtype=np.int64)
+        first = self._lengths.count - int(counts.sum())
+        if first < int(self._doc_ends_last):
+            raise ValueError("end_documents() counts more sequences than were added since the last document")
+        self._doc_ends.extend(first + np.cumsum(counts))
+        self._doc_ends_last = self._lengths.count
+
+    @property
+    def sequence_count(self) -> int:
+        return self._lengths.count
+
+    @property
+    def document_count(self) -> int:
+        return self._doc_ends.count - 1
+
+    # -- finishing --------------------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Close .bin and write .idx, both still under temporary names."""
+        if self._finalized:
+            return
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        itemsize = self.dtype.itemsize
+        with open(self.tmp_idx, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], self._lengths.count, self._doc_ends.count))
+            for chunk in self._lengths.chunks():
+                f.write(chunk.tobytes())
+            pointer = 0
+            for chunk in self._lengths.chunks():
+                ends = np.cumsum(chunk, dtype=np.int64) * itemsize + pointer
+                starts = ends - chunk.astype(np.int64) * itemsize
+                f.write(starts.tobytes())
+                pointer = int(ends[-1])
+            for chunk in self._doc_ends.chunks():
+                f.write(chunk.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self._lengths.close()
+        self._doc_ends.close()
+        self._finalized = True
+
+    def commit(self) -> None:
+        """Rename into place: .bin first, .idx last, so a visible .idx always has its .bin."""
+        if not self._finalized:
+            raise RuntimeError("finalize() must be called before commit()")
+        os.replace(self.tmp_bin, self.bin_path)
+        os.replace(self.tmp_idx, self.idx_path)
+        self._committed = True
+
+    def abort(self) -> None:
+        if not self._bin.closed:
+            self._bin.close()
+        if not self._finalized:
+            self._lengths.close()
+            self._doc_ends.close()
+        for p in (self.tmp_bin, self.tmp_idx):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            self.abort()
+
+
+class IndexedDataset:
+    """Memory-mapped reader of a `.bin/.idx` pair (the same layout Megatron reads)."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = os.fspath(prefix)
+        self.bin_path, self.idx_path = data_path(prefix), index_path(prefix)
+        for p in (self.idx_path, self.bin_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} does not exist; is {self.prefix!r} the prefix given to `packer build`?")
+        idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
+        if idx.size < HEADER.size:
+            raise ValueError(f"{self.idx_path}: {idx.size} bytes is too short for an MMIDIDX header")
+        magic, version, code, n_seq, n_doc_idx = HEADER.unpack(idx[: HEADER.size].tobytes())
+        if magic != MAGIC:
+            raise ValueError(f"{self.idx_path}: bad magic {magic!r}, expected {MAGIC!r} (not a Megatron MMIDIDX index)")
+        if version != VERSION:
+            raise ValueError(f"{self.idx_path}: unsupported version {version}, expected {VERSION}")
+        if code not in DTYPE_CODES:
+            raise ValueError(f"{self.idx_path}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = HEADER.size + 4 * n_seq + 8 * n_seq + 8 * n_doc_idx
+        if idx.size != expected:
+            raise ValueError(
+                f"{self.idx_path}: {idx.size} bytes but the header ({n_seq} sequences, {n_doc_idx} document "
+                f"indices) implies {expected}; the file is truncated or corrupt"
+            )
+        off = HEADER.size
+        self.sequence_lengths = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=off)
+        off += 4 * n_seq
+        self.sequence_pointers = np.frombuffer(idx, dtype=np.int64, count=n_seq, offset=off)
+        off += 8 * n_seq
+        self.document_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc_idx, offset=off)
+        self._idx = idx
+        size = self.bin_path.stat().st_size
+        self._bin = np.memmap(self.bin_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return max(len(self.document_indices) - 1, 0)
+
+    @property
+    def bin_bytes(self) -> int:
+        return int(self._bin.size)
+
+    def get(self, i: int) -> np.ndarray:
+        """Token ids of sequence i."""
+        return self.read(int(self.sequence_pointers[i]), int(self.sequence_lengths[i]))
+
+    def read(self, byte_offset: int, count: int) -> np.ndarray:
+        return np.frombuffer(self._bin, dtype=self.dtype, count=count, offset=byte_offset)
+
+    def document_sequences(self, d: int) -> tuple[int, int]:
+        """[first, last+1) sequence range of document d."""
+        return int(self.document_indices[d]), int(self.document_indices[d + 1])
+
+    def read_document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of the whole document, lengths of its sequences); sequences of a document are contiguous."""
+        s0, s1 = self.document_sequences(d)
+        lengths = self.sequence_lengths[s0:s1]
+        if s1 == s0:
+            return np.zeros(0, self.dtype), lengths
+        return self.read(int(self.sequence_pointers[s0]), int(lengths.sum())), lengths

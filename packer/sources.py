@@ -1,0 +1,124 @@
+"""Read raw records from .json (array), .jsonl and .parquet files, each tagged with where it came from."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    source: str  # file path
+    number: int  # 1-based record number within the file
+    line: int | None  # 1-based line number for JSON Lines input
+    data: Any  # the parsed record; a BadRecord when it could not be parsed
+
+    def where(self) -> str:
+        loc = f"record {self.number}" + (f" (line {self.line})" if self.line is not None else "")
+        return f"{self.source}: {loc}"
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record that could not even be parsed: the reader does not decide whether this is fatal."""
+
+    message: str
+    raw: str
+
+
+class InputError(ValueError):
+    pass
+
+
+def check_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    if not paths:
+        raise InputError("no --input given")
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(f"input {p} does not exist")
+        if p.is_dir():
+            raise InputError(f"input {p} is a directory; pass the .json/.jsonl/.parquet files (a shell glob works)")
+        if p.suffix.lower() not in SUFFIXES:
+            raise InputError(f"input {p}: unsupported extension {p.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+        out.append(p)
+    return out
+
+
+def count_records(path: Path) -> int | None:
+    """Cheap record count where the format gives one (parquet metadata); None otherwise."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return None
+
+
+def read_records(paths: Sequence[Path]) -> Iterator[RawRecord]:
+    for path in paths:
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            yield from _read_parquet(path)
+        elif suffix == ".jsonl" or _looks_like_jsonl(path):
+            yield from _read_jsonl(path)
+        else:
+            yield from _read_json_array(path)
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    """Some .json files (e.g. BELLE's) are really JSON Lines: an object per line, not an array."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"{")
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+    number = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            number += 1
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                data = BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", line[:200])
+            yield RawRecord(str(path), number, line_no, data)
+
+
+def _read_json_array(path: Path) -> Iterator[RawRecord]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); a .json input must be one JSON "
+            "array of records (use .jsonl for one record per line)"
+        ) from e
+    if isinstance(data, dict):
+        # A single record, or the common {"data": [...]} wrapper.
+        lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        if len(data) == 1 and len(lists) == 1:
+            data = lists[0]
+        else:
+            raise InputError(f"{path}: top-level JSON object; expected an array of records")
+    if not isinstance(data, list):
+        raise InputError(f"{path}: top-level JSON {type(data).__name__}; expected an array of records")
+    for i, rec in enumerate(data, start=1):
+        yield RawRecord(str(path), i, None, rec)
+
+
+def _read_parquet(path: Path, batch_size: int = 1024) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for rec in batch.to_pylist():
+            number += 1
+            yield RawRecord(str(path), number, None, rec)

@@ -1,0 +1,181 @@
+"""Tokenizer loading (EOD/BOS/PAD resolution) and segment -> (ids, loss mask) encoding.
+
+A sample's segments are joined into one text and tokenized ONCE, so the ids are exactly what the tokenizer
+gives for the whole text (no artifacts at segment joins). The loss mask comes from character spans: a token
+is a target iff the last character it covers lies in a target segment. Tokens the post-processor adds (BOS)
+cover no character and are never targets. Then exactly one EOD is appended, and it is a target.
+
+    segments   "### Response:\\n" (prompt)  "Hi there" (target)
+    tokens     ###  Response  :  \\n  Hi  ' there'  EOD
+    loss_mask   0      0      0   0   1      1       1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from packer.records import Sample, Segment
+
+# Tried in order when neither --eod-token nor tokenizer_config.json's eos_token names the EOD.
+WELL_KNOWN_EOD = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<eos>", "<|end|>", "[SEP]")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerInfo:
+    path: str
+    sha256: str
+    vocab_size: int
+    eod_token: str
+    eod_id: int
+    eod_source: str  # "--eod-token" | "tokenizer_config.json" | "well-known"
+    bos_id: int | None  # the BOS the post-processor adds, if any
+    pad_id: int | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _config_token(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):  # {"content": "</s>", "lstrip": false, ...}
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _token_id(tokenizer: Tokenizer, token: str) -> int | None:
+    return tokenizer.token_to_id(token)
+
+
+def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tuple[Tokenizer, TokenizerInfo]:
+    """Load `tokenizer.json` (a file, or a directory holding it and optionally tokenizer_config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise TokenizerError(
+                f"{path} is a directory without tokenizer.json; pass the tokenizer.json file or a Hugging Face "
+                "model directory that contains one (convert slow tokenizers with "
+                "`AutoTokenizer.from_pretrained(...).save_pretrained(dir)`)"
+            )
+        config_file = path / "tokenizer_config.json"
+    elif path.exists():
+        file = path
+        config_file = path.with_name("tokenizer_config.json")
+    else:
+        raise TokenizerError(f"tokenizer {path} does not exist")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"{file}: not a Hugging Face tokenizers file ({e})") from e
+    config: dict = {}
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{config_file}: invalid JSON ({e})") from e
+
+    if eod_token is not None:
+        eod_id = _token_id(tokenizer, eod_token)
+        if eod_id is None:
+            raise TokenizerError(f"--eod-token {eod_token!r} is not in the vocabulary of {file}")
+        source = "--eod-token"
+    elif (tok := _config_token(config, "eos_token")) and _token_id(tokenizer, tok) is not None:
+        eod_token, eod_id, source = tok, _token_id(tokenizer, tok), "tokenizer_config.json"
+    else:
+        found = next((t for t in WELL_KNOWN_EOD if _token_id(tokenizer, t) is not None), None)
+        if found is None:
+            raise TokenizerError(
+                f"cannot tell the end-of-document token of {file}: no tokenizer_config.json eos_token and none of "
+                f"{', '.join(WELL_KNOWN_EOD)} is in the vocabulary; pass --eod-token TOKEN"
+            )
+        eod_token, eod_id, source = found, _token_id(tokenizer, found), "well-known"
+
+    bos_id = _post_processor_bos(tokenizer)
+    if bos_id is None and (tok := _config_token(config, "bos_token")) and config.get("add_bos_token"):
+        # A config asking for BOS that the post-processor does not add: we honour it ourselves.
+        bos_id = _token_id(tokenizer, tok)
+    pad = _config_token(config, "pad_token")
+    pad_id = _token_id(tokenizer, pad) if pad else None
+    info = TokenizerInfo(
+        path=str(file.resolve()),
+        sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        eod_token=eod_token,
+        eod_id=int(eod_id),
+        eod_source=source,
+        bos_id=bos_id,
+        pad_id=pad_id,
+    )
+    return tokenizer, info
+
+
+def _post_processor_bos(tokenizer: Tokenizer) -> int | None:
+    """The id the post-processor puts before the text, if any (e.g. Llama's <s>)."""
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    without = tokenizer.encode("a", add_special_tokens=False)
+    n_prefix = len(with_special.ids) - len(without.ids)
+    if n_prefix > 0 and with_special.ids[n_prefix:][: len(without.ids)] == without.ids:
+        return with_special.ids[0]
+    return None
+
+
+class SampleEncoder:
+    """Segments -> `Sample`s, in batches through `Tokenizer.encode_batch`."""
+
+    def __init__(self, tokenizer: Tokenizer, info: TokenizerInfo, train_on_prompt: bool = False):
+        self.tokenizer = tokenizer
+        self.info = info
+        self.train_on_prompt = train_on_prompt
+        # Add BOS ourselves only when the config asks for one the post-processor does not add.
+        self._manual_bos = info.bos_id is not None and _post_processor_bos(tokenizer) is None
+
+    def encode_batch(self, batch: Sequence[Sequence[Segment]]) -> list[Sample]:
+        texts = ["".join(s.text for s in segs) for segs in batch]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        eod, bos = self.info.eod_id, self.info.bos_id
+        out = []
+        for segs, enc in zip(batch, encodings, strict=True):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            ends = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
+            mask = self._mask(segs, ends)
+            if bos is not None:
+                if self._manual_bos:
+                    ids, mask = np.concatenate([[bos], ids]), np.concatenate([[0], mask]).astype(np.uint8)
+                if ids.size >= 2 and ids[0] == bos and ids[1] == bos:  # template text began with BOS too
+                    ids, mask = ids[1:], mask[1:]
+            if ids.size and ids[-1] == eod:  # the post-processor already ended it
+                mask[-1] = 1
+            else:
+                ids = np.append(ids, eod)
+                mask = np.append(mask, np.uint8(1))
+            out.append(Sample(ids=ids, loss_mask=mask.astype(np.uint8, copy=False)))
+        return out
+
+    def _mask(self, segs: Sequence[Segment], token_ends: np.ndarray) -> np.ndarray:
+        if self.train_on_prompt or all(s.target for s in segs):
+            return (token_ends > 0).astype(np.uint8)
+        starts, stops, pos = [], [], 0
+        for s in segs:
+            if s.target and s.text:
+                starts.append(pos)
+                stops.append(pos + len(s.text))
+            pos += len(s.text)
+        if not starts:
+            return np.zeros(token_ends.size, dtype=np.uint8)
+        starts_a, stops_a = np.asarray(starts), np.asarray(stops)
+        last_char = token_ends - 1  # -1 for tokens covering no text (added specials)
+        k = np.searchsorted(starts_a, last_char, side="right") - 1
+        inside = (k >= 0) & (last_char >= 0) & (last_char < stops_a[np.maximum(k, 0)])
+        return inside.astype(np.uint8)

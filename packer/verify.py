@@ -1,0 +1,163 @@
+"""`packer verify` and `packer inspect`: check every invariant of a build, and describe it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from packer.indexed import IndexedDataset
+from packer.manifest import loss_mask_prefix, output_files, read_manifest, sha256_file
+
+_CHUNK_SEQS = 1 << 16
+
+
+@dataclass
+class Report:
+    prefix: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def verify(prefix: str | os.PathLike, checksums: bool = True) -> Report:
+    """Check the manifest, checksums, both indexes and the token/mask contents. Never raises on bad data."""
+    prefix = os.fspath(prefix)
+    rep = Report(prefix)
+    try:
+        manifest = read_manifest(prefix)
+    except (OSError, ValueError) as e:
+        rep.errors.append(str(e))
+        return rep
+    for path in output_files(prefix):
+        if not path.exists():
+            rep.errors.append(f"{path}: missing")
+            continue
+        want = manifest["files"].get(path.name)
+        if want is None:
+            rep.errors.append(f"{path}: not listed in the manifest")
+            continue
+        if path.stat().st_size != want["bytes"]:
+            rep.errors.append(f"{path}: {path.stat().st_size} bytes, manifest says {want['bytes']}")
+        elif checksums and sha256_file(path) != want["sha256"]:
+            rep.errors.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+    if rep.errors:
+        return rep
+    try:
+        tok = IndexedDataset(prefix)
+        mask = IndexedDataset(loss_mask_prefix(prefix))
+    except (OSError, ValueError) as e:
+        rep.errors.append(str(e))
+        return rep
+    _check_index(rep, tok, "tokens")
+    _check_index(rep, mask, "loss mask")
+    if tok.dtype.name != manifest["token_dtype"]:
+        rep.errors.append(f"token dtype {tok.dtype} but manifest says {manifest['token_dtype']}")
+    if mask.dtype != np.uint8:
+        rep.errors.append(f"loss mask dtype {mask.dtype}, expected uint8")
+    if not np.array_equal(tok.sequence_lengths, mask.sequence_lengths):
+        rep.errors.append("token and loss-mask sequence lengths differ")
+    if not np.array_equal(tok.document_indices, mask.document_indices):
+        rep.errors.append("token and loss-mask document indices differ")
+    if rep.errors:
+        return rep
+    _check_contents(rep, manifest, tok, mask)
+    return rep
+
+
+def _check_index(rep: Report, ds: IndexedDataset, what: str) -> None:
+    lens, ptrs, docs = ds.sequence_lengths, ds.sequence_pointers, ds.document_indices
+    if lens.size and lens.min() < 1:
+        rep.errors.append(f"{what}: {int((lens < 1).sum())} sequences have length < 1")
+    expected = np.concatenate([[0], np.cumsum(lens.astype(np.int64))[:-1]]) * ds.dtype.itemsize
+    if not np.array_equal(ptrs, expected[: ptrs.size]):
+        bad = int(np.flatnonzero(ptrs != expected)[0])
+        rep.errors.append(f"{what}: sequence pointer {bad} is {ptrs[bad]}, expected {expected[bad]}")
+    total = int(lens.astype(np.int64).sum()) * ds.dtype.itemsize
+    if total != ds.bin_bytes:
+        rep.errors.append(f"{what}: index covers {total} bytes but {ds.bin_path} has {ds.bin_bytes}")
+    if docs.size == 0 or docs[0] != 0 or docs[-1] != lens.size or (np.diff(docs) < 0).any():
+        rep.errors.append(f"{what}: document_indices must rise from 0 to the sequence count {lens.size}")
+
+
+def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: IndexedDataset) -> None:
+    seq_length = manifest["config"]["seq_length"]
+    eod = manifest["tokenizer"]["eod_id"]
+    vocab = manifest["tokenizer"]["vocab_size"]
+    counts = manifest["counts"]
+    lens = tok.sequence_lengths.astype(np.int64)
+    docs = tok.document_indices
+    csum = np.concatenate([[0], np.cumsum(lens)])
+    pack_tokens = csum[docs[1:]] - csum[docs[:-1]]
+    if (np.diff(docs) == 0).any():
+        rep.errors.append(f"{int((np.diff(docs) == 0).sum())} packs are empty")
+    if pack_tokens.size and pack_tokens.max() > seq_length:
+        rep.errors.append(f"{int((pack_tokens > seq_length).sum())} packs exceed --seq-length {seq_length}")
+
+    ends = np.cumsum(lens)
+    not_eod = bad_ids = bad_mask = eod_untrained = targets = 0
+    for a in range(0, lens.size, _CHUNK_SEQS):
+        b = min(a + _CHUNK_SEQS, lens.size)
+        t0, t1 = int(ends[a] - lens[a]), int(ends[b - 1])
+        ids = tok.read(t0 * tok.dtype.itemsize, t1 - t0)
+        m = mask.read(t0, t1 - t0)
+        last = ends[a:b] - 1 - t0
+        not_eod += int((ids[last] != eod).sum())
+        eod_untrained += int(((ids[last] == eod) & (m[last] != 1)).sum())
+        bad_ids += int((ids.astype(np.int64) >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
+        bad_mask += int((m > 1).sum())
+        targets += int(m.sum())
+    if not_eod > counts.get("unterminated", 0):
+        rep.errors.append(f"{not_eod} samples do not end with EOD id {eod} "
+                          f"(only {counts.get('unterminated', 0)} split chunks may)")
+    if eod_untrained:
+        rep.errors.append(f"{eod_untrained} EOD tokens have loss mask 0")
+    if bad_ids:
+        rep.errors.append(f"{bad_ids} token ids are >= the vocabulary size {vocab}")
+    if bad_mask:
+        rep.errors.append(f"{bad_mask} loss-mask values are not 0/1")
+    for key, actual in (("samples", lens.size), ("tokens", int(lens.sum())), ("packs", tok.num_documents),
+                        ("target_tokens", targets)):
+        if counts.get(key) != actual:
+            rep.errors.append(f"manifest counts.{key} = {counts.get(key)} but the data has {actual}")
+    rep.stats = describe(manifest, lens, pack_tokens, np.diff(docs), targets)
+
+
+def describe(manifest: dict, lens: np.ndarray, pack_tokens: np.ndarray, docs_per_pack: np.ndarray,
+             targets: int) -> dict[str, Any]:
+    seq_length = manifest["config"]["seq_length"]
+    return {
+        "samples": int(lens.size),
+        "tokens": int(lens.sum()),
+        "target_tokens": int(targets),
+        "packs": int(pack_tokens.size),
+        "lower_bound": manifest["packing"]["lower_bound"],
+        "efficiency": float(lens.sum() / (pack_tokens.size * seq_length)) if pack_tokens.size else 0.0,
+        "sample_length": _summary(lens),
+        "pack_tokens": _summary(pack_tokens),
+        "docs_per_pack": _summary(docs_per_pack),
+    }
+
+
+def _summary(x: np.ndarray) -> dict[str, float]:
+    if x.size == 0:
+        return {}
+    q = np.percentile(x, [50, 90, 99])
+    return {"min": int(x.min()), "mean": round(float(x.mean()), 2), "p50": float(q[0]), "p90": float(q[1]),
+            "p99": float(q[2]), "max": int(x.max())}
+
+
+def histogram(x: np.ndarray, bins: int = 12, width: int = 40) -> list[str]:
+    """Text histogram lines: '[lo, hi)  count  ####'."""
+    if x.size == 0:
+        return ["(empty)"]
+    counts, edges = np.histogram(x, bins=bins)
+    top = counts.max() or 1
+    return [f"[{edges[i]:>8.0f}, {edges[i + 1]:>8.0f})  {counts[i]:>9,}  {'#' * round(width * counts[i] / top)}"
+            for i in range(len(counts))]

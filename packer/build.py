@@ -39,7 +39,7 @@ from packer.manifest import (
     sha256_file,
     write_json_atomic,
 )
-from packer.packing import ALGORITHMS, PackPlan, efficiency, lower_bound, pack
+from packer.packing import ALGORITHMS, PackPlan, pack
 from packer.records import Sample
 from packer.sources import BadRecord, RawRecord, check_inputs, count_records, read_records
 from packer.tokenize import SampleEncoder, TokenizerInfo, load_tokenizer
@@ -71,6 +71,14 @@ class BuildConfig:
     on_error: str = "fail"
     workers: int = 1
     batch_size: int = 512
+    streaming: bool = False
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    hf_datasets_params: str | None = None  # JSON file of load_dataset keyword arguments
+    pack_window: tuple[int, bool] = (16384, False)  # (size, by_tokens): the streaming packer's window
+    num_shards: int = 1
+    shard_index: int = 0
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -83,6 +91,17 @@ class BuildConfig:
             raise BuildError(f"--on-error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise BuildError(f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
+        if self.hf_dataset and not self.streaming:
+            raise BuildError("--hf-dataset reads through `datasets` streaming; add --streaming")
+        if self.hf_dataset and self.inputs:
+            raise BuildError("pass either --input files or --hf-dataset, not both")
+        if not self.hf_dataset and not self.inputs:
+            raise BuildError("no input: pass --input PATH (repeatable) or --streaming --hf-dataset NAME")
+        if self.streaming and self.pack != "bfd":
+            raise BuildError(f"--streaming packs with a window best-fit; --pack {self.pack} needs the global packer "
+                             "(drop --streaming)")
 
 
 @dataclass
@@ -256,6 +275,12 @@ class _SampleSpill:
             f.close()
         self.dir.cleanup()
 
+    def __enter__(self) -> _SampleSpill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @dataclass
 class BuildResult:
@@ -268,80 +293,125 @@ class BuildResult:
     manifest: dict[str, Any]
 
 
+@dataclass
+class PackStats:
+    """Running figures over written packs (the streaming path never holds all packs)."""
+
+    packs: int = 0
+    tokens: int = 0
+    min_tokens: int = 0
+    max_tokens: int = 0
+    max_samples: int = 0
+
+    def add(self, pack_tokens: np.ndarray, samples_per_pack: np.ndarray) -> None:
+        if pack_tokens.size == 0:
+            return
+        lo, hi = int(pack_tokens.min()), int(pack_tokens.max())
+        self.min_tokens = lo if self.packs == 0 else min(self.min_tokens, lo)
+        self.max_tokens = max(self.max_tokens, hi)
+        self.max_samples = max(self.max_samples, int(samples_per_pack.max()))
+        self.packs += int(pack_tokens.size)
+        self.tokens += int(pack_tokens.sum())
+
+
+def output_prefix_for_shard(prefix: str, num_shards: int, shard_index: int) -> str:
+    return prefix if num_shards == 1 else f"{prefix}_shard{shard_index:05d}_of_{num_shards:05d}"
+
+
 def build(config: BuildConfig, progress: bool = True) -> BuildResult:
     config.validate()
-    inputs = check_inputs(config.inputs)
     t0 = time.perf_counter()
-    main = RecordEncoder(config)  # also validates handler/tokenizer options before any work
-    info = main.info
-    dtype = np.dtype(token_dtype(info.vocab_size))
-    prefix = Path(config.output_prefix)
+    main = RecordEncoder(config)  # validates handler/tokenizer options before any work
+    dtype = np.dtype(token_dtype(main.info.vocab_size))
+    prefix = Path(output_prefix_for_shard(config.output_prefix, config.num_shards, config.shard_index))
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    counters = Counters()
-    rejects_path = Path(f"{prefix}.rejects.jsonl")
-    rejects_tmp = rejects_path.with_name(rejects_path.name + f".tmp-{os.getpid()}")
-    spill = _SampleSpill(prefix.parent, dtype)
-    seconds: dict[str, float] = {}
-    try:
+    if config.streaming:
+        from packer.streaming import open_stream
+
+        records, total = open_stream(config)
+    else:
+        inputs = check_inputs(config.inputs)
         known = [count_records(p) for p in inputs]
         total = sum(known) if all(k is not None for k in known) else None
         records = read_records(inputs)
-        with open(rejects_tmp, "w", encoding="utf-8") as rejects_f, contextlib.ExitStack() as stack:
-            if config.workers > 1:
-                ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-                pool = stack.enter_context(ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,)))
-                chunks = pool.imap(_encode_in_worker, _batches(records, config.batch_size), chunksize=1)
-            else:
-                chunks = map(main.encode, _batches(records, config.batch_size))
-            bar = stack.enter_context(
-                tqdm(total=total, unit="rec", desc="tokenize", disable=not progress, dynamic_ncols=True)
-            )
+    if config.num_shards > 1:
+        records = islice(records, config.shard_index, None, config.num_shards)
+        total = None if total is None else len(range(config.shard_index, total, config.num_shards))
+
+    counters = Counters()
+    stats = PackStats()
+    seconds: dict[str, float] = {}
+    rejects_path = Path(f"{prefix}.rejects.jsonl")
+    rejects_tmp = rejects_path.with_name(rejects_path.name + f".tmp-{os.getpid()}")
+    with contextlib.ExitStack() as stack:
+        stack.callback(rejects_tmp.unlink, missing_ok=True)
+        rejects_f = stack.enter_context(open(rejects_tmp, "w", encoding="utf-8"))
+        if config.workers > 1:
+            ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+            pool = stack.enter_context(ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,)))
+            chunks = pool.imap(_encode_in_worker, _batches(records, config.batch_size), chunksize=1)
+        else:
+            chunks = map(main.encode, _batches(records, config.batch_size))
+        bar = stack.enter_context(tqdm(total=total, unit="rec", desc="tokenize", disable=not progress,
+                                       dynamic_ncols=True, smoothing=0.1))
+
+        def encoded():
             for chunk in chunks:
-                spill.add(chunk)
                 counters.add(chunk.counters)
                 for r in chunk.rejects:
                     rejects_f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 bar.update(chunk.counters.records)
-                bar.set_postfix(tokens=counters.tokens, tok_s=f"{counters.tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f}",
-                                refresh=False)
-        seconds["tokenize"] = time.perf_counter() - t0
+                rate = counters.tokens / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix_str(f"{counters.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
+                yield chunk
 
-        lengths, ids, mask = spill.seal()
-        if lengths.size == 0:
+        # A stale manifest must never describe the files about to replace it.
+        manifest_path(prefix).unlink(missing_ok=True)
+        tok_w = stack.enter_context(IndexedDatasetWriter(prefix, dtype))
+        mask_w = stack.enter_context(IndexedDatasetWriter(loss_mask_prefix(prefix), np.uint8))
+        if config.streaming:
+            _write_streaming(config, encoded(), tok_w, mask_w, stats)
+            seconds["tokenize"] = time.perf_counter() - t0  # packing and writing interleaved
+        else:
+            spill = stack.enter_context(_SampleSpill(prefix.parent, dtype))
+            for chunk in encoded():
+                spill.add(chunk)
+            bar.close()
+            seconds["tokenize"] = time.perf_counter() - t0
+            lengths, ids, mask = spill.seal()
+            t = time.perf_counter()
+            plan = pack(lengths, config.seq_length, config.pack)
+            seconds["pack"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _write_global(plan, lengths, ids, mask, tok_w, mask_w, stats, progress)
+            seconds["write"] = time.perf_counter() - t
+        if stats.packs == 0:
             raise BuildError(
                 f"no samples to write: {counters.records} records read, {counters.skipped} skipped, "
                 f"{counters.dropped + counters.dropped_no_target} dropped"
             )
-        t = time.perf_counter()
-        plan = pack(lengths, config.seq_length, config.pack)
-        seconds["pack"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        _write_packed(prefix, plan, lengths, ids, mask, dtype, progress)
-        seconds["write"] = time.perf_counter() - t
+        tok_w.finalize()
+        mask_w.finalize()
+        mask_w.commit()
+        tok_w.commit()  # PREFIX.idx last of the data files; the manifest follows
+        rejects_f.close()
         if counters.skipped:
             os.replace(rejects_tmp, rejects_path)
         else:
             rejects_path.unlink(missing_ok=True)  # a stale file from an earlier build would mislead
-        seconds["total"] = time.perf_counter() - t0
-        manifest = _manifest(config, info, counters, plan, lengths, main.overflow, dtype, prefix, seconds)
-        write_json_atomic(manifest_path(prefix), manifest)
-    finally:
-        spill.close()
-        rejects_tmp.unlink(missing_ok=True)
-    return BuildResult(str(prefix), counters, plan.num_packs, manifest["packing"]["lower_bound"],
+    seconds["total"] = time.perf_counter() - t0
+    manifest = _manifest(config, main.info, counters, stats, main.overflow, dtype, prefix, seconds)
+    write_json_atomic(manifest_path(prefix), manifest)
+    return BuildResult(str(prefix), counters, stats.packs, manifest["packing"]["lower_bound"],
                        manifest["packing"]["efficiency"], seconds, manifest)
 
 
-def _write_packed(prefix: Path, plan: PackPlan, lengths: np.ndarray, ids: np.ndarray, mask: np.ndarray,
-                  dtype: np.dtype, progress: bool, packs_per_chunk: int = 4096) -> None:
-    """Gather the spilled samples in pack order into the two indexed datasets, then commit all files."""
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    # A stale manifest must never describe the files about to replace it.
-    manifest_path(prefix).unlink(missing_ok=True)
-    with (IndexedDatasetWriter(prefix, dtype) as tok_w,
-          IndexedDatasetWriter(loss_mask_prefix(prefix), np.uint8) as mask_w,
-          tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar):
+def _write_global(plan: PackPlan, lengths: np.ndarray, ids: np.ndarray, mask: np.ndarray,
+                  tok_w: IndexedDatasetWriter, mask_w: IndexedDatasetWriter, stats: PackStats, progress: bool,
+                  packs_per_chunk: int = 4096) -> None:
+    """Gather the spilled samples in pack order into the two indexed datasets."""
+    starts = np.cumsum(lengths) - lengths
+    with tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar:
         for p0 in range(0, plan.num_packs, packs_per_chunk):
             p1 = min(p0 + packs_per_chunk, plan.num_packs)
             members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
@@ -354,19 +424,47 @@ def _write_packed(prefix: Path, plan: PackPlan, lengths: np.ndarray, ids: np.nda
             tok_w.end_documents(per_pack)
             mask_w.add_sequences(mask[gather], seq_lens)
             mask_w.end_documents(per_pack)
+            csum = np.concatenate([[0], np.cumsum(seq_lens)])
+            bounds = np.concatenate([[0], np.cumsum(per_pack)])
+            stats.add(csum[bounds[1:]] - csum[bounds[:-1]], per_pack)
             bar.update(p1 - p0)
-        tok_w.finalize()
-        mask_w.finalize()
-        mask_w.commit()
-        tok_w.commit()  # PREFIX.idx last of the data files; the manifest follows
 
 
-def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, plan: PackPlan, lengths: np.ndarray,
-              overflow: str, dtype: np.dtype, prefix: Path, seconds: dict[str, float]) -> dict[str, Any]:
-    pack_lens = plan.pack_lengths(lengths)
+def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: IndexedDatasetWriter,
+                     mask_w: IndexedDatasetWriter, stats: PackStats) -> None:
+    """Online packing: samples wait in a bounded window and are written as soon as their pack is final."""
+    from packer.window import WindowPacker
+
+    window, by_tokens = config.pack_window
+    packer = WindowPacker(config.seq_length, window, by_tokens=by_tokens)
+    pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    next_id = 0
+
+    def write(packs: list[list[int]]) -> None:
+        for members in packs:
+            samples = [pending.pop(k) for k in members]
+            seq_lens = np.fromiter((s[0].size for s in samples), dtype=np.int64, count=len(samples))
+            tok_w.add_sequences(np.concatenate([s[0] for s in samples]), seq_lens)
+            mask_w.add_sequences(np.concatenate([s[1] for s in samples]), seq_lens)
+            tok_w.end_document()
+            mask_w.end_document()
+            stats.add(np.array([seq_lens.sum()]), np.array([len(samples)]))
+
+    for chunk in chunks:
+        ends = np.cumsum(chunk.lengths)
+        for n, end in zip(chunk.lengths.tolist(), ends.tolist(), strict=True):
+            pending[next_id] = (chunk.ids[end - n : end], chunk.mask[end - n : end])
+            write(packer.add(next_id, n))
+            next_id += 1
+    write(packer.flush())
+
+
+def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, stats: PackStats, overflow: str,
+              dtype: np.dtype, prefix: Path, seconds: dict[str, float]) -> dict[str, Any]:
     cfg = asdict(config)
-    cfg["inputs"] = [str(Path(p).resolve()) for p in config.inputs]
+    cfg["inputs"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.inputs]
     cfg["overflow_effective"] = overflow
+    cfg["output_prefix"] = str(prefix)
     files = {}
     for path in output_files(prefix):
         files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -377,17 +475,22 @@ def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, plan: PackP
         "config": cfg,
         "tokenizer": info.to_json(),
         "token_dtype": dtype.name,
-        "counts": asdict(c) | {"packs": plan.num_packs},
+        "counts": asdict(c) | {"packs": stats.packs},
         "packing": {
-            "algorithm": config.pack,
+            "algorithm": f"window-bfd({config.pack_window[0]}{' tokens' if config.pack_window[1] else ''})"
+            if config.streaming else config.pack,
             "seq_length": config.seq_length,
-            "packs": plan.num_packs,
-            "lower_bound": lower_bound(lengths, config.seq_length),
-            "efficiency": efficiency(lengths, plan.num_packs, config.seq_length),
-            "max_pack_tokens": int(pack_lens.max()),
-            "min_pack_tokens": int(pack_lens.min()),
-            "max_docs_per_pack": int(np.diff(plan.offsets).max()),
+            "packs": stats.packs,
+            "lower_bound": -(-stats.tokens // config.seq_length),
+            "efficiency": efficiency_of(stats.tokens, stats.packs, config.seq_length),
+            "max_pack_tokens": stats.max_tokens,
+            "min_pack_tokens": stats.min_tokens,
+            "max_docs_per_pack": stats.max_samples,
         },
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "files": files,
     }
+
+
+def efficiency_of(tokens: int, packs: int, seq_length: int) -> float:
+    return tokens / (packs * seq_length) if packs else 0.0

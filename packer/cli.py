@@ -83,19 +83,37 @@ def _parse_map_keys(ctx, param, value: str | None) -> dict[str, str]:
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="Malformed records: fail, or skip, count and write them to PREFIX.rejects.jsonl.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer processes.")
+@click.option("--streaming", is_flag=True,
+              help="Read inputs as a `datasets` stream and pack online over a window, in bounded memory.")
+@click.option("--hf-dataset", help="Stream a Hugging Face Hub dataset (with --streaming).")
+@click.option("--hf-config", help="Hub dataset configuration name.")
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
+@click.option("--hf-datasets-params", type=click.Path(dir_okay=False),
+              help="JSON file of extra load_dataset keyword arguments.")
+@click.option("--pack-window", default="16384", show_default=True,
+              help="Streaming packer window: samples (16384, 16k) or tokens (8M-tokens).")
+@click.option("--num-shards", type=int, help="Build one of K disjoint shards (default: from torchrun/SLURM env).")
+@click.option("--shard-index", type=int, help="Which shard, 0-based.")
 @click.option("--batch-size", type=int, default=512, show_default=True, help="Records per encode_batch call.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
 def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,
-          train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, workers, batch_size, quiet,
+          train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, workers, streaming, hf_dataset,
+          hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, quiet,
           json_summary) -> None:
     """Tokenize, pack and write PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json."""
     from packer.build import BuildConfig, BuildError
     from packer.build import build as run_build
     from packer.sources import InputError
+    from packer.streaming import parse_window
     from packer.tokenize import TokenizerError
 
-    if not inputs:
+    try:
+        window = parse_window(pack_window)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--pack-window") from e
+    num_shards, shard_index, shard_source = _resolve_shards(num_shards, shard_index)
+    if not inputs and not hf_dataset:
         if handler != "alpaca":
             raise click.UsageError(f"--input is required for --handler {handler} (only alpaca has bundled demo data)")
         inputs = (_asset("demo_alpaca.json"),)
@@ -117,7 +135,17 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         on_error=on_error,
         workers=workers,
         batch_size=batch_size,
+        streaming=streaming,
+        hf_dataset=hf_dataset,
+        hf_config=hf_config,
+        split=split,
+        hf_datasets_params=hf_datasets_params,
+        pack_window=window,
+        num_shards=num_shards,
+        shard_index=shard_index,
     )
+    if num_shards > 1:
+        click.echo(f"building shard {shard_index} of {num_shards} ({shard_source})", err=True)
     try:
         result = run_build(config, progress=not quiet and sys.stderr.isatty())
     except (BuildError, InputError, TokenizerError) as e:
@@ -137,6 +165,42 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         "tokenizing)"
         + (f"\n  skipped records written to {result.prefix}.rejects.jsonl" if c.skipped else "")
     )
+
+
+def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[int, int, str]:
+    """Explicit options win; else SLURM job arrays, else torchrun's RANK/WORLD_SIZE; else one shard."""
+    import os
+
+    if num_shards is not None or shard_index is not None:
+        if num_shards is None or shard_index is None:
+            raise click.UsageError("pass --num-shards and --shard-index together")
+        return num_shards, shard_index, "--num-shards/--shard-index"
+    env = os.environ
+    if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+        lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        return (int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - lo,
+                "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["WORLD_SIZE"]), int(env["RANK"]), "RANK/WORLD_SIZE"
+    return 1, 0, "single shard"
+
+
+@main.command()
+@click.argument("out_prefix")
+@click.argument("in_prefixes", nargs=-1, required=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def merge(out_prefix: str, in_prefixes: tuple[str, ...], quiet: bool) -> None:
+    """Merge builds (e.g. shards) into OUT_PREFIX by streaming copies; packs keep their boundaries."""
+    from packer.merge import MergeError
+    from packer.merge import merge as run_merge
+
+    try:
+        m = run_merge(out_prefix, list(in_prefixes), progress=not quiet and sys.stderr.isatty())
+    except (MergeError, OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    c = m["counts"]
+    click.echo(f"merged {len(in_prefixes)} builds into {out_prefix}: {c['packs']:,} packs, {c['samples']:,} samples, "
+               f"{c['tokens']:,} tokens, efficiency {m['packing']['efficiency']:.2%}")
 
 
 @main.command()

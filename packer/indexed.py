@@ -155,9 +155,14 @@ class IndexedDatasetWriter:
     def add_sequences(self, flat_ids: np.ndarray, lengths: np.ndarray) -> None:
         """Append many sequences at once: `flat_ids` is their concatenation, `lengths` their sizes."""
         lengths = np.asarray(lengths, dtype=np.int64)
+        flat_ids = np.asarray(flat_ids)
         if lengths.sum() != len(flat_ids):
             raise ValueError(f"lengths sum to {lengths.sum()} but {len(flat_ids)} ids were given")
-        self._bin.write(np.asarray(flat_ids).astype(self.dtype, copy=False).tobytes())
+        if lengths.size and lengths.min() < 0:
+            raise ValueError(f"sequence lengths must be >= 0, got {lengths.min()}")
+        if flat_ids.size and self._max_id is not None and (flat_ids.max() > self._max_id or flat_ids.min() < 0):
+            raise ValueError(f"token id out of range for {self.dtype}: [{flat_ids.min()}, {flat_ids.max()}]")
+        self._bin.write(flat_ids.astype(self.dtype, copy=False).tobytes())
         self._lengths.extend(lengths.astype(np.int32))
         self.tokens += int(lengths.sum())
 
@@ -166,11 +171,17 @@ class IndexedDatasetWriter:
         self._doc_ends_last = self._lengths.count
 
     def end_documents(self, sequence_counts: np.ndarray) -> None:
-        """End several documents at once: the last sequences added form documents of these many sequences."""
+        """End several documents at once: the sequences added since the last document end form documents of
+        these many sequences (the counts must sum to exactly that number)."""
         counts = np.asarray(sequence_counts, dtype=np.int64)
+        if counts.size and counts.min() < 0:
+            raise ValueError(f"end_documents() counts must be >= 0, got {counts.min()}")
         first = self._lengths.count - int(counts.sum())
-        if first < int(self._doc_ends_last):
-            raise ValueError("end_documents() counts more sequences than were added since the last document")
+        if first != int(self._doc_ends_last):
+            raise ValueError(
+                f"end_documents() counts sum to {int(counts.sum())} but "
+                f"{self._lengths.count - int(self._doc_ends_last)} sequences were added since the last document"
+            )
         self._doc_ends.extend(first + np.cumsum(counts))
         self._doc_ends_last = self._lengths.count
 
@@ -243,9 +254,10 @@ class IndexedDataset:
         for p in (self.idx_path, self.bin_path):
             if not p.exists():
                 raise FileNotFoundError(f"{p} does not exist; is {self.prefix!r} the prefix given to `packer build`?")
+        idx_bytes = self.idx_path.stat().st_size
+        if idx_bytes < HEADER.size:  # checked before mmap, which fails obscurely on an empty file
+            raise ValueError(f"{self.idx_path}: {idx_bytes} bytes is too short for an MMIDIDX header")
         idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
-        if idx.size < HEADER.size:
-            raise ValueError(f"{self.idx_path}: {idx.size} bytes is too short for an MMIDIDX header")
         magic, version, code, n_seq, n_doc_idx = HEADER.unpack(idx[: HEADER.size].tobytes())
         if magic != MAGIC:
             raise ValueError(f"{self.idx_path}: bad magic {magic!r}, expected {MAGIC!r} (not a Megatron MMIDIDX index)")

@@ -1,0 +1,82 @@
+"""Alpaca records: instruction, optional input, output; optional system and history of earlier turns.
+
+    {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"}
+
+with the default `alpaca` template (Stanford Alpaca's PROMPT_DICT; see templates.py) becomes
+
+    Segment("Below is an instruction that describes a task, paired with an input that provides further "
+            "context. Write a response that appropriately completes the request.\\n\\n"
+            "### Instruction:\\nAdd the numbers.\\n\\n### Input:\\n2, 3\\n\\n### Response:\\n")
+    Segment("5", target=True)
+
+`history` [[query, answer], ...] holds earlier turns, rendered before the final one; their answers are
+targets too unless `last_turn_only`. Only the final turn has an input. For the other templates the user
+query is instruction + "\\n" + input (when input is non-empty). The system prompt is the record's `system`,
+else `options.system`, else the template's default (for `alpaca`, the preamble; the others have none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from packer.records import Segment
+
+from .base import EMPTY_RESPONSE, Columns, HandlerOptions, RecordError, check_options
+from .templates import CHAT_TEMPLATES, ChatTemplate
+
+FIELDS: tuple[str, ...] = ("instruction", "input", "output", "system", "history")
+TEMPLATES: tuple[str, ...] = tuple(CHAT_TEMPLATES)
+DEFAULT_TEMPLATE = "alpaca"
+
+
+@dataclass(frozen=True)
+class AlpacaHandler:
+    template: ChatTemplate
+    columns: Columns
+    system: str | None = None
+    last_turn_only: bool = False
+    name: str = "alpaca"
+    default_overflow: str = "truncate"
+
+    def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
+        instruction = self.columns.text(record, "instruction")
+        input_text = self.columns.text(record, "input", required=False)
+        output = self.columns.text(record, "output")
+        if not output.strip():
+            raise RecordError(self.columns.column("output"), EMPTY_RESPONSE)
+        turns = [*self._history(record), (self.template.query(instruction, input_text), output)]
+        system = (
+            self.columns.text(record, "system", required=False)
+            or self.system
+            or self.template.default(bool(input_text))
+        )
+        return self.template.render(turns, system, self.last_turn_only)
+
+    def _history(self, record: Mapping[str, Any]) -> list[tuple[str, str]]:
+        history = self.columns.get(record, "history", required=False)
+        if history is None:
+            return []
+        if not isinstance(history, list):
+            raise self.columns.wrong_type("history", "a list of [query, answer] pairs", history)
+        for i, pair in enumerate(history):
+            if not _is_pair(pair):
+                raise self.columns.wrong_type(
+                    "history", "a [query, answer] pair of strings", pair, f" item {i}"
+                )
+        return [(q, a) for q, a in history]
+
+
+def _is_pair(pair: Any) -> bool:
+    return isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
+
+
+def make(options: HandlerOptions) -> AlpacaHandler:
+    check_options("alpaca", options, fields=FIELDS, templates=TEMPLATES, system=True, last_turn_only=True)
+    return AlpacaHandler(
+        template=CHAT_TEMPLATES[options.template or DEFAULT_TEMPLATE],
+        columns=Columns(dict(options.map_keys)),
+        system=options.system,
+        last_turn_only=options.last_turn_only,
+    )

@@ -1,0 +1,131 @@
+"""`packer merge`: concatenate builds (typically shards) into one, by streaming copies in bounded memory.
+
+Packs are copied whole and in order (input 1's packs, then input 2's, ...), so every document boundary
+survives; counts are summed and the packing figures recomputed. All inputs must share the tokenizer (sha256),
+EOD id, token dtype and seq_length.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from packer import __version__
+from packer.indexed import IndexedDataset, IndexedDatasetWriter
+from packer.manifest import (
+    FORMAT,
+    loss_mask_prefix,
+    manifest_path,
+    output_files,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
+
+_TOKENS_PER_COPY = 1 << 24
+
+
+class MergeError(ValueError):
+    pass
+
+
+def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> dict[str, Any]:
+    if not in_prefixes:
+        raise MergeError("nothing to merge: give at least one input prefix")
+    out_abs = os.path.abspath(out_prefix)
+    if any(os.path.abspath(p) == out_abs for p in in_prefixes):
+        raise MergeError(f"the output {out_prefix} is also an input; choose another output prefix")
+    manifests = [read_manifest(p) for p in in_prefixes]
+    first = manifests[0]
+    for p, m in zip(in_prefixes[1:], manifests[1:], strict=True):
+        for what, get in (("tokenizer sha256", lambda m: m["tokenizer"]["sha256"]),
+                          ("EOD id", lambda m: m["tokenizer"]["eod_id"]),
+                          ("token dtype", lambda m: m["token_dtype"]),
+                          ("seq_length", lambda m: m["config"]["seq_length"])):
+            if get(m) != get(first):
+                raise MergeError(f"{p}: {what} {get(m)!r} differs from {in_prefixes[0]}'s {get(first)!r}; "
+                                 "only builds with the same tokenizer and seq_length can be merged")
+    dtype = np.dtype(first["token_dtype"])
+    counts: dict[str, int] = {}
+    pack_tokens_min, pack_tokens_max, max_docs = None, 0, 0
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    manifest_path(out_prefix).unlink(missing_ok=True)
+    total = sum(m["counts"]["tokens"] for m in manifests)
+    with (IndexedDatasetWriter(out_prefix, dtype) as tok_w,
+          IndexedDatasetWriter(loss_mask_prefix(out_prefix), np.uint8) as mask_w,
+          tqdm(total=total, unit="tok", unit_scale=True, desc="merge", disable=not progress) as bar):
+        for prefix, m in zip(in_prefixes, manifests, strict=True):
+            tok, mask = IndexedDataset(prefix), IndexedDataset(loss_mask_prefix(prefix))
+            if tok.dtype != dtype or len(tok) != len(mask):
+                raise MergeError(f"{prefix}: index does not match its manifest; run `packer verify {prefix}`")
+            _copy(tok, mask, tok_w, mask_w, bar)
+            for k, v in m["counts"].items():
+                counts[k] = counts.get(k, 0) + int(v)
+            p = m["packing"]
+            pack_tokens_min = p["min_pack_tokens"] if pack_tokens_min is None else min(pack_tokens_min,
+                                                                                       p["min_pack_tokens"])
+            pack_tokens_max = max(pack_tokens_max, p["max_pack_tokens"])
+            max_docs = max(max_docs, p["max_docs_per_pack"])
+        tok_w.finalize()
+        mask_w.finalize()
+        mask_w.commit()
+        tok_w.commit()
+    seq_length = first["config"]["seq_length"]
+    manifest = {
+        "format": FORMAT,
+        "packer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": first["config"] | {"output_prefix": out_prefix},
+        "merged_from": [{"prefix": p, "manifest_sha256": sha256_file(manifest_path(p)), "config": m["config"]}
+                        for p, m in zip(in_prefixes, manifests, strict=True)],
+        "tokenizer": first["tokenizer"],
+        "token_dtype": first["token_dtype"],
+        "counts": counts,
+        "packing": {
+            "algorithm": "merge(" + ",".join(sorted({m["packing"]["algorithm"] for m in manifests})) + ")",
+            "seq_length": seq_length,
+            "packs": counts["packs"],
+            "lower_bound": -(-counts["tokens"] // seq_length),
+            "efficiency": counts["tokens"] / (counts["packs"] * seq_length) if counts["packs"] else 0.0,
+            "max_pack_tokens": pack_tokens_max,
+            "min_pack_tokens": pack_tokens_min or 0,
+            "max_docs_per_pack": max_docs,
+        },
+        "seconds": {},
+        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in output_files(out_prefix)},
+    }
+    write_json_atomic(manifest_path(out_prefix), manifest)
+    return manifest
+
+
+def _copy(tok: IndexedDataset, mask: IndexedDataset, tok_w: IndexedDatasetWriter, mask_w: IndexedDatasetWriter,
+          bar) -> None:
+    """Copy all packs of one build, a bounded number of tokens at a time, splitting only between packs."""
+    docs = tok.document_indices
+    lens = tok.sequence_lengths
+    ends = np.cumsum(lens, dtype=np.int64)
+    d = 0
+    n_docs = tok.num_documents
+    while d < n_docs:
+        s0 = int(docs[d])
+        t0 = int(ends[s0 - 1]) if s0 else 0
+        # Last pack whose end stays within the copy budget (at least one pack).
+        limit = t0 + _TOKENS_PER_COPY
+        doc_end_tokens = np.where(docs[d + 1 :] > 0, ends[np.maximum(docs[d + 1 :] - 1, 0)], 0)
+        d1 = d + max(1, int(np.searchsorted(doc_end_tokens, limit, side="right")))
+        d1 = min(d1, n_docs)
+        s1 = int(docs[d1])
+        t1 = int(ends[s1 - 1]) if s1 else 0
+        seq_lens = lens[s0:s1]
+        tok_w.add_sequences(tok.read(t0 * tok.dtype.itemsize, t1 - t0), seq_lens)
+        mask_w.add_sequences(mask.read(t0, t1 - t0), seq_lens)
+        per_doc = np.diff(docs[d : d1 + 1])
+        tok_w.end_documents(per_doc)
+        mask_w.end_documents(per_doc)
+        bar.update(t1 - t0)
+        d = d1

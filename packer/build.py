@@ -177,13 +177,16 @@ class RecordEncoder:
                 raw = rec.data.raw if isinstance(rec.data, BadRecord) else rec.data
                 rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
                                 "error": e.message, "data": raw})
-        out: list[Sample] = []
-        for rec, sample in zip(kept, self.encoder.encode_batch(segments), strict=True):
-            out.extend(self._fit(rec, sample, c))
-        lengths = np.fromiter((s.ids.size for s in out), dtype=np.int64, count=len(out))
-        ids = np.concatenate([s.ids for s in out]) if out else np.zeros(0, np.int64)
-        mask = np.concatenate([s.loss_mask for s in out]) if out else np.zeros(0, np.uint8)
-        c.samples, c.tokens, c.target_tokens = len(out), int(lengths.sum()), int(mask.sum())
+        ids, mask, lengths = self.encoder.encode_flat(segments)
+        if lengths.size and lengths.max() > self.config.seq_length:  # rare: apply --overflow per sample
+            out: list[Sample] = []
+            ends = np.cumsum(lengths)
+            for rec, n, e in zip(kept, lengths.tolist(), ends.tolist(), strict=True):
+                out.extend(self._fit(rec, Sample(ids[e - n : e], mask[e - n : e]), c))
+            lengths = np.fromiter((s.ids.size for s in out), dtype=np.int64, count=len(out))
+            ids = np.concatenate([s.ids for s in out]) if out else np.zeros(0, np.int64)
+            mask = np.concatenate([s.loss_mask for s in out]) if out else np.zeros(0, np.uint8)
+        c.samples, c.tokens, c.target_tokens = len(lengths), int(lengths.sum()), int(mask.sum())
         return Chunk(ids, mask, lengths, rejects, c)
 
     def _fit(self, rec: RawRecord, s: Sample, c: Counters) -> list[Sample]:

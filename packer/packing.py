@@ -79,6 +79,8 @@ def _plan_from_assignment(assign: np.ndarray) -> PackPlan:
 
 def _size_groups(lengths: np.ndarray):
     """Yield (size, sample indices of that size) from the largest size down."""
+    if lengths.size == 0:
+        return
     order = np.argsort(-lengths, kind="stable")
     sorted_len = lengths[order]
     cut = np.flatnonzero(np.diff(sorted_len)) + 1

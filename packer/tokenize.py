@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -125,9 +126,11 @@ def _post_processor_bos(tokenizer: Tokenizer) -> int | None:
     """The id the post-processor puts before the text, if any (e.g. Llama's <s>)."""
     with_special = tokenizer.encode("a", add_special_tokens=True)
     without = tokenizer.encode("a", add_special_tokens=False)
-    n_prefix = len(with_special.ids) - len(without.ids)
-    if n_prefix > 0 and with_special.ids[n_prefix:][: len(without.ids)] == without.ids:
-        return with_special.ids[0]
+    # The text's ids sit after k >= 1 added prefix ids (and maybe before added suffix ids, e.g. "<s> $A </s>").
+    n_extra = len(with_special.ids) - len(without.ids)
+    for k in range(1, n_extra + 1):
+        if with_special.ids[k : k + len(without.ids)] == without.ids:
+            return with_special.ids[0]
     return None
 
 
@@ -140,42 +143,79 @@ class SampleEncoder:
         self.train_on_prompt = train_on_prompt
         # Add BOS ourselves only when the config asks for one the post-processor does not add.
         self._manual_bos = info.bos_id is not None and _post_processor_bos(tokenizer) is None
+        probe = tokenizer.encode("a", add_special_tokens=True)
+        self._no_added_tokens = len(probe.ids) == len(tokenizer.encode("a", add_special_tokens=False).ids)
 
     def encode_batch(self, batch: Sequence[Sequence[Segment]]) -> list[Sample]:
+        ids, mask, lengths = self.encode_flat(batch)
+        ends = np.cumsum(lengths)
+        return [Sample(ids=ids[e - n : e], loss_mask=mask[e - n : e])
+                for n, e in zip(lengths.tolist(), ends.tolist(), strict=True)]
+
+    def encode_flat(self, batch: Sequence[Sequence[Segment]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, loss mask, lengths) of the whole batch, concatenated; the same samples `encode_batch` gives.
+
+        Vectorized over the batch: per-sample Python work is only joining texts and listing target spans.
+        """
+        if not batch:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64)
         texts = ["".join(s.text for s in segs) for segs in batch]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        n = len(encodings)
+        id_lists = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=n)
+        total = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=total)
+        starts = np.cumsum(lengths) - lengths
         eod, bos = self.info.eod_id, self.info.bos_id
-        out = []
-        for segs, enc in zip(batch, encodings, strict=True):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            ends = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
-            mask = self._mask(segs, ends)
-            if bos is not None:
-                if self._manual_bos:
-                    ids, mask = np.concatenate([[bos], ids]), np.concatenate([[0], mask]).astype(np.uint8)
-                if ids.size >= 2 and ids[0] == bos and ids[1] == bos:  # template text began with BOS too
-                    ids, mask = ids[1:], mask[1:]
-            if ids.size and ids[-1] == eod:  # the post-processor already ended it
-                mask[-1] = 1
-            else:
-                ids = np.append(ids, eod)
-                mask = np.append(mask, np.uint8(1))
-            out.append(Sample(ids=ids, loss_mask=mask.astype(np.uint8, copy=False)))
-        return out
 
-    def _mask(self, segs: Sequence[Segment], token_ends: np.ndarray) -> np.ndarray:
-        if self.train_on_prompt or all(s.target for s in segs):
-            return (token_ends > 0).astype(np.uint8)
-        starts, stops, pos = [], [], 0
-        for s in segs:
-            if s.target and s.text:
-                starts.append(pos)
-                stops.append(pos + len(s.text))
-            pos += len(s.text)
-        if not starts:
-            return np.zeros(token_ends.size, dtype=np.uint8)
-        starts_a, stops_a = np.asarray(starts), np.asarray(stops)
-        last_char = token_ends - 1  # -1 for tokens covering no text (added specials)
-        k = np.searchsorted(starts_a, last_char, side="right") - 1
-        inside = (k >= 0) & (last_char >= 0) & (last_char < stops_a[np.maximum(k, 0)])
-        return inside.astype(np.uint8)
+        all_target = self.train_on_prompt or all(s.target for segs in batch for s in segs)
+        if all_target and self._no_added_tokens:
+            mask = np.ones(total, dtype=np.uint8)
+        else:
+            # Token ends (character offsets) for the whole batch, moved into one global character axis.
+            ends = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
+                               dtype=np.int64, count=2 * total)[1::2]
+            text_lens = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+            char_base = np.cumsum(text_lens) - text_lens
+            last_char = ends - 1 + np.repeat(char_base, lengths)
+            covers_text = ends > 0  # tokens added by the post-processor cover no character
+            if all_target:
+                mask = covers_text.astype(np.uint8)
+            else:
+                span_lo, span_hi = [], []
+                for base, segs in zip(char_base.tolist(), batch, strict=True):
+                    pos = base
+                    for seg in segs:
+                        if seg.target and seg.text:
+                            span_lo.append(pos)
+                            span_hi.append(pos + len(seg.text))
+                        pos += len(seg.text)
+                if span_lo:
+                    lo, hi = np.asarray(span_lo), np.asarray(span_hi)
+                    k = np.searchsorted(lo, last_char, side="right") - 1
+                    mask = (covers_text & (k >= 0) & (last_char < hi[np.maximum(k, 0)])).astype(np.uint8)
+                else:
+                    mask = np.zeros(total, dtype=np.uint8)
+
+        if bos is not None:
+            if self._manual_bos:
+                ids, mask = np.insert(ids, starts, bos), np.insert(mask, starts, 0)
+                lengths = lengths + 1
+                starts = np.cumsum(lengths) - lengths
+            # Template text that began with BOS as well: drop the text's copy, keep the added one (a BOS is
+            # never a target, even when the "<s>" text lies in a target segment, e.g. --train-on-prompt).
+            two = lengths >= 2
+            doubled = starts[two][(ids[starts[two]] == bos) & (ids[starts[two] + 1] == bos)]
+            if doubled.size:
+                ids, mask = np.delete(ids, doubled + 1), np.delete(mask, doubled + 1)
+                lengths[np.isin(starts, doubled)] -= 1
+                starts = np.cumsum(lengths) - lengths
+        # Exactly one EOD ends every sample, and it is a target.
+        last = starts + lengths - 1
+        ended = (lengths > 0) & (ids[np.maximum(last, 0)] == eod)  # the post-processor already ended it
+        mask[last[ended]] = 1
+        where = (starts + lengths)[~ended]
+        ids, mask = np.insert(ids, where, eod), np.insert(mask, where, 1)
+        lengths = lengths + ~ended
+        return ids, mask.astype(np.uint8, copy=False), lengths

@@ -1,0 +1,90 @@
+"""End-to-end `packer build` throughput and peak memory vs the bare tokenizer limit.
+
+    python benchmarks/make_corpus.py --records 100000 --only-stanford --out benchmarks/_data/stanford_100k.jsonl
+    python benchmarks/build_throughput.py --corpus benchmarks/_data/stanford_100k.jsonl
+
+For each (tokenizer, workers, streaming) it runs `packer build --handler text --json-keys text` under
+`/usr/bin/time -v` (wall seconds, peak RSS) and prints tokens/s. "bare" is the physical limit of this design:
+`Tokenizer.encode_batch` over the same texts in N processes (texts already in memory, batches of 512), nothing
+else done. The ratio column is build tokens/s over bare tokens/s with the same tokenizer and process count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers"
+_tok = None
+
+
+def _init(path: str) -> None:
+    global _tok
+    from tokenizers import Tokenizer
+
+    _tok = Tokenizer.from_file(path)
+
+
+def _encode(batch: list[str]) -> int:
+    return sum(len(e.ids) for e in _tok.encode_batch(batch))
+
+
+def bare(texts: list[str], tokenizer: str, procs: int) -> tuple[float, int]:
+    batches = [texts[i : i + 512] for i in range(0, len(texts), 512)]
+    with mp.get_context("fork").Pool(procs, initializer=_init, initargs=(tokenizer,)) as pool:
+        pool.map(_encode, batches[:2])  # warm both workers
+        t = time.perf_counter()
+        tokens = sum(pool.imap(_encode, batches))
+        return time.perf_counter() - t, tokens
+
+
+def build(corpus: Path, tokenizer: str, workers: int, streaming: bool, out: Path) -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "packer.cli", "build", "--handler", "text", "--input",
+           str(corpus), "--tokenizer", tokenizer, "--seq-length", "2048", "--output-prefix", str(out),
+           "--workers", str(workers), "--json-summary", "-q"]
+    if streaming:
+        cmd.append("--streaming")
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    summary = json.loads(p.stdout)
+    wall = float(re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", p.stderr).group(3)) + \
+        60 * float(re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):", p.stderr).group(2))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    return {"tokens": summary["counts"]["tokens"], "wall": wall, "rss_mib": rss / 1024,
+            "efficiency": summary["packing"]["efficiency"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--tokenizers", default="gpt2,llama2")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--modes", default="global,streaming")
+    args = ap.parse_args()
+    with open(args.corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    print(f"corpus {args.corpus}: {len(texts):,} texts")
+    print(f"{'tokenizer':<9} {'procs':>5} {'mode':<10} {'tokens':>11} {'wall s':>7} {'Mtok/s':>7} {'RSS MiB':>8} "
+          f"{'vs bare':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tokenizers.split(","):
+            tok = str(SHARED / name / "tokenizer.json")
+            for w in map(int, args.workers.split(",")):
+                secs, tokens = bare(texts, tok, w)
+                base = tokens / secs
+                print(f"{name:<9} {w:>5} {'bare':<10} {tokens:>11,} {secs:>7.2f} {base / 1e6:>7.3f} {'':>8} {'':>7}")
+                for mode in args.modes.split(","):
+                    r = build(args.corpus, tok, w, mode == "streaming", Path(tmp) / f"{name}_{w}_{mode}")
+                    rate = r["tokens"] / r["wall"]
+                    print(f"{name:<9} {w:>5} {mode:<10} {r['tokens']:>11,} {r['wall']:>7.2f} {rate / 1e6:>7.3f} "
+                          f"{r['rss_mib']:>8.0f} {rate / base:>7.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Minimal PyTorch trainer that consumes packed, boundary-indexed data with varlen attention."""

@@ -162,19 +162,20 @@ class RecordEncoder:
         rejects: list[dict] = []
         segments, kept = [], []
         for rec in records:
+            data = rec.parsed()
             try:
-                if isinstance(rec.data, BadRecord):
-                    raise RecordError("<line>", rec.data.message)
-                if not isinstance(rec.data, dict):
-                    raise RecordError("<record>", f"expected a JSON object, got {type(rec.data).__name__}")
-                segments.append(self.handler(rec.data))
+                if isinstance(data, BadRecord):
+                    raise RecordError("<line>", data.message)
+                if not isinstance(data, dict):
+                    raise RecordError("<record>", f"expected a JSON object, got {type(data).__name__}")
+                segments.append(self.handler(data))
                 kept.append(rec)
             except RecordError as e:
                 message = f"{rec.where()}: field {e.field!r}: {e.message}"
                 if self.config.on_error == "fail":
                     raise BuildError(message + " (or pass --on-error skip to skip and count such records)") from e
                 c.skipped += 1
-                raw = rec.data.raw if isinstance(rec.data, BadRecord) else rec.data
+                raw = data.raw if isinstance(data, BadRecord) else data
                 rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
                                 "error": e.message, "data": raw})
         ids, mask, lengths = self.encoder.encode_flat(segments)

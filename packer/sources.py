@@ -17,7 +17,10 @@ class RawRecord:
     source: str  # file path
     number: int  # 1-based record number within the file
     line: int | None  # 1-based line number for JSON Lines input
-    data: Any  # the parsed record; a BadRecord when it could not be parsed
+    data: Any  # the record: a dict (or any JSON value), a JsonLine not parsed yet, or a BadRecord
+
+    def parsed(self) -> Any:
+        return self.data.parse() if isinstance(self.data, JsonLine) else self.data
 
     def where(self) -> str:
         loc = f"record {self.number}" + (f" (line {self.line})" if self.line is not None else "")
@@ -30,6 +33,19 @@ class BadRecord:
 
     message: str
     raw: str
+
+
+@dataclass(frozen=True, slots=True)
+class JsonLine:
+    """One JSON Lines record, parsed where it is used: in the tokenizer worker, not the reading process."""
+
+    text: str
+
+    def parse(self) -> Any:
+        try:
+            return json.loads(self.text)
+        except json.JSONDecodeError as e:
+            return BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", self.text[:200])
 
 
 class InputError(ValueError):
@@ -72,10 +88,17 @@ def read_records(paths: Sequence[Path]) -> Iterator[RawRecord]:
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    """Some .json files (e.g. BELLE's) are really JSON Lines: an object per line, not an array."""
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"{")
+    """Some .json files (e.g. BELLE's) are really JSON Lines: their first line is a whole JSON object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                if not line.lstrip().startswith("{"):
+                    return False
+                try:
+                    return isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    return False  # a pretty-printed document: its first line is not a whole object
+    return False
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRecord]:
@@ -85,11 +108,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
             if not line.strip():
                 continue
             number += 1
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                data = BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", line[:200])
-            yield RawRecord(str(path), number, line_no, data)
+            yield RawRecord(str(path), number, line_no, JsonLine(line))
 
 
 def _read_json_array(path: Path) -> Iterator[RawRecord]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from packer.indexed import IndexedDataset
-from packer.manifest import loss_mask_prefix, output_files, read_manifest, sha256_file
+from packer.manifest import loss_mask_prefix, manifest_path, output_files, read_manifest, sha256_file
 
 _CHUNK_SEQS = 1 << 16
 
@@ -35,6 +35,14 @@ def verify(prefix: str | os.PathLike, checksums: bool = True) -> Report:
     except (OSError, ValueError) as e:
         rep.errors.append(str(e))
         return rep
+    try:
+        _verify(rep, prefix, manifest, checksums)
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign manifest lacks a field
+        rep.errors.append(f"{manifest_path(prefix)}: malformed manifest ({type(e).__name__}: {e})")
+    return rep
+
+
+def _verify(rep: Report, prefix: str, manifest: dict, checksums: bool) -> Report:
     for path in output_files(prefix):
         if not path.exists():
             rep.errors.append(f"{path}: missing")

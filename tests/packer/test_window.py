@@ -1,0 +1,79 @@
+"""The streaming window packer: bounded, complete, and close to the global packer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from packer.packing import pack
+from packer.streaming import parse_window
+from packer.window import WindowPacker
+
+LENGTHS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lengths"
+
+
+def run(lengths: np.ndarray, capacity: int, window: int, by_tokens: bool = False):
+    wp = WindowPacker(capacity, window, by_tokens=by_tokens)
+    packs, peak = [], 0
+    for i, n in enumerate(lengths.tolist()):
+        packs += wp.add(i, n)
+        peak = max(peak, len(wp))
+    packs += wp.flush()
+    return packs, peak
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("window", [2, 7, 64, 1000])
+def test_every_sample_once_and_no_overflow(seed: int, window: int) -> None:
+    rng = np.random.default_rng(seed)
+    capacity = int(rng.integers(8, 200))
+    lengths = rng.integers(1, capacity + 1, size=int(rng.integers(0, 600)))
+    packs, peak = run(lengths, capacity, window)
+    members = sorted(k for p in packs for k in p)
+    assert members == list(range(lengths.size))
+    assert all(sum(lengths[k] for k in p) <= capacity for p in packs)
+    assert all(p == sorted(p) for p in packs), "samples keep arrival order inside a pack"
+    assert peak <= window, "memory is bounded by the window"
+
+
+def test_token_window_is_bounded() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=5000)
+    wp = WindowPacker(100, 1000, by_tokens=True)
+    emitted = 0
+    for i, n in enumerate(lengths.tolist()):
+        emitted += sum(len(p) for p in wp.add(i, n))
+        assert sum(int(lengths[k]) for k in wp._keys) < 1000 + 100  # the window plus at most one sample
+    emitted += sum(len(p) for p in wp.flush())
+    assert emitted == lengths.size
+
+
+@pytest.mark.parametrize(("name", "capacity"), [("alpaca", 2048), ("moss", 8192)])
+def test_within_half_a_percent_of_global(name: str, capacity: int) -> None:
+    path = LENGTHS / f"{name}_gpt2_1M.npy"
+    if not path.exists():
+        pytest.skip(f"{path} not found (shared data lives next to the repo)")
+    lengths = np.minimum(np.load(path)[:50_000], capacity)
+    global_packs = pack(lengths, capacity, "bfd").num_packs
+    packs, _ = run(lengths, capacity, 4096)
+    assert len(packs) <= global_packs * 1.005
+
+
+def test_parse_window() -> None:
+    assert parse_window("16384") == (16384, False)
+    assert parse_window("16k") == (16000, False)
+    assert parse_window("8M-tokens") == (8_000_000, True)
+    assert parse_window("500000t") == (500_000, True)
+    with pytest.raises(ValueError, match="pack-window"):
+        parse_window("lots")
+
+
+def test_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError):
+        WindowPacker(100, 1)
+    with pytest.raises(ValueError, match="two packs"):
+        WindowPacker(100, 150, by_tokens=True)
+    with pytest.raises(ValueError, match="outside"):
+        WindowPacker(10, 10).add(0, 11)

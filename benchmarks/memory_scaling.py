@@ -21,7 +21,7 @@ GPT2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokeniz
 def run(corpus: Path, mode: str, workers: int, out: Path) -> tuple[float, float, int]:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "packer.cli", "build", "--handler", "alpaca", "--input",
            str(corpus), "--tokenizer", str(GPT2), "--seq-length", "2048", "--output-prefix", str(out),
-           "--workers", str(workers), "--json-summary", "-q"] + (["--streaming"] if mode == "streaming" else [])
+           "--workers", str(workers), "--json-summary", "-q", "--on-error", "skip"] + (["--streaming"] if mode == "streaming" else [])
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
     m = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", p.stderr)

@@ -255,7 +255,8 @@ def inspect(prefix: str, as_json: bool) -> None:
                f"dropped without target {c['dropped_no_target']:,}")
     click.echo(f"  packs {stats['packs']:,}  lower bound {stats['lower_bound']:,}  efficiency {stats['efficiency']:.2%}")
     for title, x in (("sample length", lens), ("tokens per pack", pack_tokens), ("samples per pack", np.diff(docs))):
-        click.echo(f"\n{title}: {stats[_key(title)]}")
+        summary = "  ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in stats[_key(title)].items())
+        click.echo(f"\n{title}: {summary}")
         for line in histogram(x):
             click.echo("  " + line)
 

@@ -162,10 +162,13 @@ def _summary(x: np.ndarray) -> dict[str, float]:
 
 
 def histogram(x: np.ndarray, bins: int = 12, width: int = 40) -> list[str]:
-    """Text histogram lines: '[lo, hi)  count  ####'."""
+    """Text histogram lines over integer data: '[lo, hi]  count  ####' (bins never split an integer)."""
     if x.size == 0:
         return ["(empty)"]
-    counts, edges = np.histogram(x, bins=bins)
+    lo, hi = int(x.min()), int(x.max())
+    step = max(1, -(-(hi - lo + 1) // bins))
+    edges = np.arange(lo, hi + step + 1, step)
+    counts, _ = np.histogram(x, bins=edges)
     top = counts.max() or 1
-    return [f"[{edges[i]:>8.0f}, {edges[i + 1]:>8.0f})  {counts[i]:>9,}  {'#' * round(width * counts[i] / top)}"
+    return [f"[{edges[i]:>8}, {edges[i + 1] - 1:>8}]  {counts[i]:>9,}  {'#' * round(width * counts[i] / top)}"
             for i in range(len(counts))]

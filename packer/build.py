@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -241,6 +242,17 @@ def _encode_in_worker(records: list[RawRecord]) -> Chunk:
     return _worker_encoder.encode(records)
 
 
+def _ordered_map(pool, fn, items: Iterable, max_in_flight: int) -> Iterator:
+    """pool.imap with back-pressure: imap reads its whole input ahead, so memory would grow with the input."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _batches(it: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
     it = iter(it)
     while batch := list(islice(it, size)):
@@ -353,7 +365,7 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
         if config.workers > 1:
             ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
             pool = stack.enter_context(ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,)))
-            chunks = pool.imap(_encode_in_worker, _batches(records, config.batch_size), chunksize=1)
+            chunks = _ordered_map(pool, _encode_in_worker, _batches(records, config.batch_size), 2 * config.workers)
         else:
             chunks = map(main.encode, _batches(records, config.batch_size))
         bar = stack.enter_context(tqdm(total=total, unit="rec", desc="tokenize", disable=not progress,
@@ -369,8 +381,6 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
                 bar.set_postfix_str(f"{counters.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
                 yield chunk
 
-        # A stale manifest must never describe the files about to replace it.
-        manifest_path(prefix).unlink(missing_ok=True)
         tok_w = stack.enter_context(IndexedDatasetWriter(prefix, dtype))
         mask_w = stack.enter_context(IndexedDatasetWriter(loss_mask_prefix(prefix), np.uint8))
         if config.streaming:
@@ -396,6 +406,9 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
             )
         tok_w.finalize()
         mask_w.finalize()
+        # Up to here an earlier build at PREFIX is untouched. Its manifest goes first, so that its files
+        # and ours can never be mistaken for a complete build while they are being replaced.
+        manifest_path(prefix).unlink(missing_ok=True)
         mask_w.commit()
         tok_w.commit()  # PREFIX.idx last of the data files; the manifest follows
         rejects_f.close()

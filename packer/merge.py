@@ -54,7 +54,6 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> di
     counts: dict[str, int] = {}
     pack_tokens_min, pack_tokens_max, max_docs = None, 0, 0
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-    manifest_path(out_prefix).unlink(missing_ok=True)
     total = sum(m["counts"]["tokens"] for m in manifests)
     with (IndexedDatasetWriter(out_prefix, dtype) as tok_w,
           IndexedDatasetWriter(loss_mask_prefix(out_prefix), np.uint8) as mask_w,
@@ -73,6 +72,7 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> di
             max_docs = max(max_docs, p["max_docs_per_pack"])
         tok_w.finalize()
         mask_w.finalize()
+        manifest_path(out_prefix).unlink(missing_ok=True)  # an older build there stops looking complete
         mask_w.commit()
         tok_w.commit()
     seq_length = first["config"]["seq_length"]

@@ -116,6 +116,11 @@ def _read_json_array(path: Path) -> Iterator[RawRecord]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip().startswith(b"{"):
+                # JSON Lines whose first line is broken: read line by line so only that record is bad.
+                yield from _read_jsonl(path)
+                return
         raise InputError(
             f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); a .json input must be one JSON "
             "array of records (use .jsonl for one record per line)"

@@ -172,6 +172,7 @@ class SampleEncoder:
         all_target = self.train_on_prompt or all(s.target for segs in batch for s in segs)
         if all_target and self._no_added_tokens:
             mask = np.ones(total, dtype=np.uint8)
+            added = np.zeros(total, dtype=bool)
         else:
             # Token ends (character offsets) for the whole batch, moved into one global character axis.
             ends = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
@@ -180,6 +181,7 @@ class SampleEncoder:
             char_base = np.cumsum(text_lens) - text_lens
             last_char = ends - 1 + np.repeat(char_base, lengths)
             covers_text = ends > 0  # tokens added by the post-processor cover no character
+            added = ~covers_text
             if all_target:
                 mask = covers_text.astype(np.uint8)
             else:
@@ -201,6 +203,7 @@ class SampleEncoder:
         if bos is not None:
             if self._manual_bos:
                 ids, mask = np.insert(ids, starts, bos), np.insert(mask, starts, 0)
+                added = np.insert(added, starts, True)
                 lengths = lengths + 1
                 starts = np.cumsum(lengths) - lengths
             # Template text that began with BOS as well: drop the text's copy, keep the added one (a BOS is
@@ -209,11 +212,18 @@ class SampleEncoder:
             doubled = starts[two][(ids[starts[two]] == bos) & (ids[starts[two] + 1] == bos)]
             if doubled.size:
                 ids, mask = np.delete(ids, doubled + 1), np.delete(mask, doubled + 1)
+                added = np.delete(added, doubled + 1)
                 lengths[np.isin(starts, doubled)] -= 1
                 starts = np.cumsum(lengths) - lengths
         # Exactly one EOD ends every sample, and it is a target.
         last = starts + lengths - 1
-        ended = (lengths > 0) & (ids[np.maximum(last, 0)] == eod)  # the post-processor already ended it
+        # The post-processor already ended it. Only an *added* EOD counts: a text token that happens to be the
+        # EOD id (an ordinary --eod-token such as "!") is content and still gets its EOD after it.
+        if ids.size:
+            at = np.maximum(last, 0)
+            ended = (lengths > 0) & (ids[at] == eod) & added[at]
+        else:  # a batch of empty texts
+            ended = np.zeros(n, dtype=bool)
         mask[last[ended]] = 1
         where = (starts + lengths)[~ended]
         ids, mask = np.insert(ids, where, eod), np.insert(mask, where, 1)

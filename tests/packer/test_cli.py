@@ -1,0 +1,118 @@
+"""The `packer` command line through click's CliRunner: defaults, summaries, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from packer.cli import main
+from packer.verify import verify
+
+SHARD_ENV = ("WORLD_SIZE", "RANK", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN")
+
+
+@pytest.fixture
+def runner(monkeypatch, tmp_path) -> CliRunner:
+    monkeypatch.chdir(tmp_path)
+    for var in SHARD_ENV:  # a test run under torchrun/SLURM must not turn into a shard build
+        monkeypatch.delenv(var, raising=False)
+    return CliRunner()
+
+
+def clean_error(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    for n in needles:
+        assert n in result.output, result.output
+
+
+def test_build_with_defaults(runner, tmp_path):
+    r = runner.invoke(main, ["build", "--handler", "alpaca"])
+    assert r.exit_code == 0, r.output
+    assert "wrote out/alpaca.{bin,idx,json}" in r.output
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert names == ["alpaca.bin", "alpaca.idx", "alpaca.json", "alpaca_loss_mask.bin", "alpaca_loss_mask.idx"]
+    assert verify("out/alpaca").ok
+    m = json.loads((tmp_path / "out" / "alpaca.json").read_text())
+    assert m["config"]["seq_length"] == 2048 and m["counts"]["records"] == 500
+    assert m["tokenizer"]["eod_token"] == "<|endoftext|>" and m["token_dtype"] == "uint16"
+
+    v = runner.invoke(main, ["verify", "out/alpaca"])
+    assert v.exit_code == 0 and v.output.startswith("OK out/alpaca:")
+
+    i = runner.invoke(main, ["inspect", "out/alpaca"])
+    assert i.exit_code == 0, i.output
+    c = m["counts"]
+    assert f"records {c['records']:,}" in i.output and f"samples {c['samples']:,}" in i.output
+    assert f"packs {c['packs']:,}" in i.output and "tokens per pack:" in i.output
+
+    j = runner.invoke(main, ["inspect", "out/alpaca", "--json"])
+    stats = json.loads(j.output)["stats"]
+    assert (stats["packs"], stats["samples"], stats["tokens"]) == (c["packs"], c["samples"], c["tokens"])
+
+
+def test_build_json_summary(runner):
+    r = runner.invoke(main, ["build", "--handler", "alpaca", "--seq-length", "1024", "--pack", "ffd",
+                             "--output-prefix", "x/y", "--json-summary", "-q"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["packing"]["algorithm"] == "ffd" and summary["packing"]["seq_length"] == 1024
+    assert summary["counts"]["packs"] >= summary["packing"]["lower_bound"]
+    assert verify("x/y").ok
+
+
+def test_inspect_missing(runner):
+    clean_error(runner.invoke(main, ["inspect", "nowhere/x"]), 1, "does not exist")
+
+
+def test_missing_tokenizer(runner):
+    r = runner.invoke(main, ["build", "--handler", "alpaca", "--tokenizer", "no/such/tokenizer.json"])
+    clean_error(r, 1, "Error:", "no/such/tokenizer.json does not exist")
+    assert not Path("out").exists() or not list(Path("out").iterdir())
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("{output: response}", "not JSON"),
+    ('["output"]', "must be a JSON object"),
+    ('{"output": 3}', "must be a JSON object"),
+])
+def test_bad_map_keys_json(runner, value, needle):
+    clean_error(runner.invoke(main, ["build", "--handler", "alpaca", "--map-keys", value]), 2, "--map-keys", needle)
+
+
+def test_map_keys_unknown_field(runner):
+    r = runner.invoke(main, ["build", "--handler", "alpaca", "--map-keys", '{"answer": "response"}'])
+    clean_error(r, 1, "'answer'", "does not read")
+
+
+def test_usage_errors(runner, tmp_path):
+    clean_error(runner.invoke(main, ["build", "--handler", "belle"]), 2, "--input is required")
+    clean_error(runner.invoke(main, ["build", "--handler", "nope"]), 2, "Invalid value for '--handler'")
+    clean_error(runner.invoke(main, ["build", "--handler", "alpaca", "--input", "missing.json"]), 1,
+                "missing.json does not exist")
+    clean_error(runner.invoke(main, ["build", "--handler", "alpaca", "--num-shards", "2"]), 2,
+                "--num-shards and --shard-index together")
+    clean_error(runner.invoke(main, ["build", "--handler", "alpaca", "--seq-length", "1"]), 1, "--seq-length")
+
+
+def test_bad_record_message(runner, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    r = runner.invoke(main, ["build", "--handler", "alpaca", "--input", "d.jsonl"])
+    clean_error(r, 1, "d.jsonl: record 2 (line 2): field 'output'", "--on-error skip")
+    r = runner.invoke(main, ["build", "--handler", "alpaca", "--input", "d.jsonl", "--on-error", "skip"])
+    assert r.exit_code == 0, r.output
+    assert "skipped 1" in r.output and "out/alpaca.rejects.jsonl" in r.output
+
+
+def test_version_and_help(runner):
+    r = runner.invoke(main, ["--version"])
+    assert r.exit_code == 0 and "packer" in r.output
+    h = runner.invoke(main, ["--help"])
+    assert h.exit_code == 0
+    for cmd in ("build", "verify", "inspect"):
+        assert cmd in h.output

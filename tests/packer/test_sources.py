@@ -1,0 +1,104 @@
+"""Raw record readers: .json arrays, .jsonl (and JSON Lines named .json), .parquet; where each record came from."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from packer.sources import BadRecord, InputError, check_inputs, count_records, read_records
+
+
+def test_json_array(tmp_path, helpers):
+    p = helpers.write_json(tmp_path / "a.json", [{"x": 1}, {"x": 2}])
+    recs = list(read_records([p]))
+    assert [(r.number, r.line, r.parsed()) for r in recs] == [(1, None, {"x": 1}), (2, None, {"x": 2})]
+    assert recs[1].where() == f"{p}: record 2"
+
+
+def test_jsonl_numbers_records_and_lines(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"x": 1}\n\n   \n{"x": 2}\n{bad json\n{"x": 3}\n', encoding="utf-8")
+    recs = list(read_records([p]))
+    assert [(r.number, r.line) for r in recs] == [(1, 1), (2, 4), (3, 5), (4, 6)]
+    assert isinstance(recs[2].parsed(), BadRecord) and "invalid JSON" in recs[2].parsed().message
+    assert recs[2].parsed().raw.startswith("{bad json")
+    assert recs[2].where() == f"{p}: record 3 (line 5)"
+    assert recs[3].parsed() == {"x": 3}  # reading goes on after a bad line
+
+
+def test_json_lines_named_json(tmp_path, helpers):
+    p = helpers.write_jsonl(tmp_path / "lines.json", [{"x": 1}, {"x": 2}])
+    assert [(r.number, r.line, r.parsed()) for r in read_records([p])] == [(1, 1, {"x": 1}), (2, 2, {"x": 2})]
+
+
+def test_real_belle_is_json_lines(helpers):
+    recs = list(read_records([helpers.data_file("belle/belle_train_utils_data_dev1K.json")]))
+    assert len(recs) == 1000
+    assert all(isinstance(r.parsed(), dict) and r.line == r.number for r in recs)
+
+
+def test_data_wrapper(tmp_path):
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps({"data": [{"x": 1}, {"x": 2}]}, indent=2))
+    assert [r.parsed() for r in read_records([p])] == [{"x": 1}, {"x": 2}]
+
+
+def test_top_level_object_rejected(tmp_path):
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps({"a": 1, "b": [{"x": 1}]}, indent=2))
+    with pytest.raises(InputError, match="top-level JSON object"):
+        list(read_records([p]))
+
+
+def test_top_level_errors(tmp_path):
+    p = tmp_path / "w.json"
+    p.write_text("42")
+    with pytest.raises(InputError, match="top-level JSON int"):
+        list(read_records([p]))
+    p.write_text('[{"x": 1},\n {"x": }]')
+    with pytest.raises(InputError, match=r"w.json: invalid JSON at line 2"):
+        list(read_records([p]))
+
+
+def test_parquet(tmp_path):
+    p = tmp_path / "a.parquet"
+    rows = [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(2500)]
+    pq.write_table(pa.Table.from_pylist(rows), p, row_group_size=700)
+    recs = list(read_records([p]))
+    assert [r.parsed() for r in recs] == rows
+    assert [r.number for r in recs] == list(range(1, 2501))
+    assert all(r.line is None for r in recs)
+    assert count_records(p) == 2500
+
+
+def test_several_files_in_order(tmp_path, helpers):
+    a = helpers.write_json(tmp_path / "a.json", [{"x": 1}])
+    b = helpers.write_jsonl(tmp_path / "b.jsonl", [{"x": 2}, {"x": 3}])
+    recs = list(read_records([a, b]))
+    assert [(r.source, r.number, r.parsed()["x"]) for r in recs] == [(str(a), 1, 1), (str(b), 1, 2), (str(b), 2, 3)]
+    assert count_records(a) is None
+
+
+def test_check_inputs(tmp_path):
+    with pytest.raises(InputError, match="no --input"):
+        check_inputs([])
+    with pytest.raises(InputError, match="does not exist"):
+        check_inputs([tmp_path / "missing.json"])
+    with pytest.raises(InputError, match="is a directory"):
+        check_inputs([tmp_path])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="unsupported extension '.csv'"):
+        check_inputs([tmp_path / "data.csv"])
+    (tmp_path / "d.JSONL").write_text("{}\n")
+    assert check_inputs([str(tmp_path / "d.JSONL")]) == [tmp_path / "d.JSONL"]
+
+
+def test_json_lines_named_json_with_a_bad_first_line(tmp_path):
+    p = tmp_path / "lines.json"
+    p.write_text('{"x": \n{"x": 2}\n{"x": 3}\n', encoding="utf-8")
+    recs = list(read_records([p]))
+    assert isinstance(recs[0].parsed(), BadRecord)
+    assert [r.parsed() for r in recs[1:]] == [{"x": 2}, {"x": 3}]

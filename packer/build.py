@@ -470,7 +470,9 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
     for chunk in chunks:
         ends = np.cumsum(chunk.lengths)
         for n, end in zip(chunk.lengths.tolist(), ends.tolist(), strict=True):
-            pending[next_id] = (chunk.ids[end - n : end], chunk.mask[end - n : end])
+            # Copies, not views: a sample can wait in the window for many rounds, and a view would keep its
+            # whole chunk alive with it.
+            pending[next_id] = (chunk.ids[end - n : end].astype(tok_w.dtype), chunk.mask[end - n : end].copy())
             write(packer.add(next_id, n))
             next_id += 1
     write(packer.flush())

@@ -109,7 +109,7 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         rep.errors.append(f"{int((pack_tokens > seq_length).sum())} packs exceed --seq-length {seq_length}")
 
     ends = np.cumsum(lens)
-    not_eod = bad_ids = bad_mask = eod_untrained = targets = 0
+    not_eod = bad_ids = bad_mask = eod_untrained = targets = interior_eod = 0
     for a in range(0, lens.size, _CHUNK_SEQS):
         b = min(a + _CHUNK_SEQS, lens.size)
         t0, t1 = int(ends[a] - lens[a]), int(ends[b - 1])
@@ -117,10 +117,16 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         m = mask.read(t0, t1 - t0)
         last = ends[a:b] - 1 - t0
         not_eod += int((ids[last] != eod).sum())
+        interior_eod += int((ids == eod).sum()) - int((ids[last] == eod).sum())
         eod_untrained += int(((ids[last] == eod) & (m[last] != 1)).sum())
         bad_ids += int((ids.astype(np.int64) >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
         bad_mask += int((m > 1).sum())
         targets += int(m.sum())
+    if interior_eod:
+        rep.warnings.append(
+            f"{interior_eod} EOD ids occur inside samples (the record text spelled the EOD token); trainers that "
+            "find boundaries by scanning for EOD would split those samples, the index does not"
+        )
     if not_eod > counts.get("unterminated", 0):
         rep.errors.append(f"{not_eod} samples do not end with EOD id {eod} "
                           f"(only {counts.get('unterminated', 0)} split chunks may)")

@@ -276,14 +276,20 @@ class _SampleSpill:
         self._mask.write(chunk.mask.astype(np.uint8).tobytes())
         self._lengths.append(chunk.lengths)
 
-    def seal(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def seal(self) -> np.ndarray:
+        """Close the files; returns every sample's length, in arrival order."""
         self._ids.close()
         self._mask.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         self._lengths = []
-        if lengths.sum() == 0:
-            return lengths, np.zeros(0, self.dtype), np.zeros(0, np.uint8)
-        return (lengths, np.memmap(self.ids_path, dtype=self.dtype, mode="r"),
+        return lengths
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh read-only maps of (ids, mask). Callers drop them after each chunk: mapped pages count as
+        resident memory for as long as the map lives, which would grow with the corpus."""
+        if self.ids_path.stat().st_size == 0:
+            return np.zeros(0, self.dtype), np.zeros(0, np.uint8)
+        return (np.memmap(self.ids_path, dtype=self.dtype, mode="r"),
                 np.memmap(self.mask_path, dtype=np.uint8, mode="r"))
 
     def close(self) -> None:
@@ -392,12 +398,12 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
                 spill.add(chunk)
             bar.close()
             seconds["tokenize"] = time.perf_counter() - t0
-            lengths, ids, mask = spill.seal()
+            lengths = spill.seal()
             t = time.perf_counter()
             plan = pack(lengths, config.seq_length, config.pack)
             seconds["pack"] = time.perf_counter() - t
             t = time.perf_counter()
-            _write_global(plan, lengths, ids, mask, tok_w, mask_w, stats, progress)
+            _write_global(plan, lengths, spill, tok_w, mask_w, stats, progress)
             seconds["write"] = time.perf_counter() - t
         if stats.packs == 0:
             raise BuildError(
@@ -423,13 +429,14 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
                        manifest["packing"]["efficiency"], seconds, manifest)
 
 
-def _write_global(plan: PackPlan, lengths: np.ndarray, ids: np.ndarray, mask: np.ndarray,
-                  tok_w: IndexedDatasetWriter, mask_w: IndexedDatasetWriter, stats: PackStats, progress: bool,
-                  packs_per_chunk: int = 4096) -> None:
-    """Gather the spilled samples in pack order into the two indexed datasets."""
+def _write_global(plan: PackPlan, lengths: np.ndarray, spill: _SampleSpill, tok_w: IndexedDatasetWriter,
+                  mask_w: IndexedDatasetWriter, stats: PackStats, progress: bool, chunk_tokens: int = 1 << 18) -> None:
+    """Gather the spilled samples in pack order into the two indexed datasets, ~chunk_tokens at a time."""
     starts = np.cumsum(lengths) - lengths
+    packs_per_chunk = max(1, chunk_tokens // max(1, int(plan.pack_lengths(lengths).max(initial=1))))
     with tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar:
         for p0 in range(0, plan.num_packs, packs_per_chunk):
+            ids, mask = spill.arrays()
             p1 = min(p0 + packs_per_chunk, plan.num_packs)
             members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
             seq_lens = lengths[members]
@@ -444,6 +451,7 @@ def _write_global(plan: PackPlan, lengths: np.ndarray, ids: np.ndarray, mask: np
             csum = np.concatenate([[0], np.cumsum(seq_lens)])
             bounds = np.concatenate([[0], np.cumsum(per_pack)])
             stats.add(csum[bounds[1:]] - csum[bounds[:-1]], per_pack)
+            del ids, mask
             bar.update(p1 - p0)
 
 

@@ -1,0 +1,370 @@
+"""The training loop: packs -> micro-batches -> Llama -> token-mean loss -> AdamW, with DDP and checkpoints.
+
+One optimizer step = grad_accum micro-batches per rank. The loss is normalised by the number of targets
+(or documents, for --loss-average sample) of the WHOLE step across micro-batches and ranks, so a step's
+gradient does not depend on how its documents were split over micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer import checkpoint
+from trainer.attention import resolve_backend
+from trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
+from trainer.model import ModelConfig, Transformer, load_model_config
+
+AttentionChoice = Literal["varlen", "blockwise", "padded"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    data: str
+    model: str = "tiny"  # preset name or JSON path
+    seq_length: int | None = None  # None: the packed seq_length of the data
+    micro_batch_size: int = 1
+    steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping (grad_norm is still reported)
+    grad_accum: int = 1
+    attention: AttentionChoice = "varlen"
+    device: str = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    loss_average: Literal["token", "sample"] = "token"
+    save: str | None = None
+    save_every: int = 0  # 0: only at the end
+    resume: str | None = None
+    log_jsonl: str | None = None
+    seed: int = 1234
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "steps", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.attention not in ("varlen", "blockwise", "padded"):
+            raise ValueError(f"--attention {self.attention!r}: choose varlen, blockwise or padded")
+        if self.loss_average not in ("token", "sample"):
+            raise ValueError(f"--loss-average {self.loss_average!r}: choose token or sample")
+        if self.save_every and not self.save:
+            raise ValueError("--save-every needs --save DIR")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def loss_sum(logits_NV: torch.Tensor, mb: MicroBatch, average: str, at: torch.Tensor | None = None):
+    """Sum of per-target losses (token) or of per-document mean losses (sample); the caller divides.
+
+    `logits_NV` are the logits of all T tokens, or of the N token indices `at` (MicroBatch.target_idx_N).
+    """
+    labels, segments = mb.labels_T, mb.segment_ids_T
+    if at is not None:
+        labels, segments = labels[at], segments[at]
+    losses_N = F.cross_entropy(logits_NV.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    if average == "token":
+        return losses_N.sum()
+    n_seg = mb.meta.cu_seqlens.numel() - 1
+    is_target_N = (labels != IGNORE_INDEX).float()
+    seg_loss = losses_N.new_zeros(n_seg).index_add_(0, segments, losses_N)
+    seg_count = losses_N.new_zeros(n_seg).index_add_(0, segments, is_target_N)
+    return (seg_loss / seg_count.clamp(min=1)).sum()
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    # Decay only matrices that multiply activations; norms and embeddings are left alone.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and "tok_embeddings" not in name
+        (decay if is_matrix else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+# --------------------------------------------------------------------------- devices and processes
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif _npu_available():
+            requested = "npu"
+        else:
+            requested = "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if requested == "npu":
+        if not _npu_available():
+            raise ValueError("--device npu needs torch_npu (Ascend CANN); use --device cpu or cuda")
+        torch.npu.set_device(local_rank)
+        return torch.device("npu", local_rank)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"--device {requested!r}: choose auto, cpu, cuda or npu")
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401
+    except ImportError:
+        return False
+    return torch.npu.is_available()
+
+
+def attention_backend(choice: str, device: torch.device, dtype: str = "fp32") -> tuple[str, str]:
+    """--attention -> (trainer.attention backend, batch layout). varlen picks the device's fused kernel."""
+    if choice == "padded":
+        return "padded", "padded"
+    if choice == "blockwise":
+        return "blockwise", "packed"
+    backend = resolve_backend("varlen", device)
+    if backend == "cuda" and dtype == "fp32":
+        raise ValueError(
+            "--attention varlen on CUDA runs FlashAttention, which needs half precision; "
+            "pass --dtype bf16 (or --attention blockwise for fp32)"
+        )
+    return backend, "packed"
+
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed(device_request: str) -> tuple[Dist, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_request, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device.type]
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world_size, local_rank), device
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def open_dataset(prefix: str):
+    from packer.dataset import PackedDataset
+
+    return PackedDataset(prefix)
+
+
+def train(cfg: TrainConfig, dataset=None) -> list[dict]:
+    """Run cfg.steps optimizer steps (continuing from cfg.resume); returns the per-step log records."""
+    ddp, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, dataset if dataset is not None else open_dataset(cfg.data), ddp, device)
+    finally:
+        if ddp.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
+    seq_length = cfg.seq_length or ds.seq_length
+    if seq_length < ds.seq_length:
+        raise ValueError(
+            f"--seq-length {seq_length} is shorter than the packs ({ds.seq_length} tokens); "
+            f"pass --seq-length >= {ds.seq_length} or rebuild the data with a shorter --seq-length"
+        )
+    backend, layout = attention_backend(cfg.attention, device, cfg.dtype)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model_cfg = load_model_config(cfg.model, vocab_size=ds.vocab_size)
+    model = Transformer(model_cfg).to(device)
+    optimizer = configure_optimizer(model, cfg, fused=device.type == "cuda")
+    order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, ddp.rank, ddp.world_size)
+    run_args = {
+        **_primitive(dataclasses.asdict(cfg)),
+        "model_config": model_cfg.to_dict(),
+        "world_size": ddp.world_size,
+    }
+
+    step = 0
+    if cfg.resume:
+        state = checkpoint.load(cfg.resume, map_location="cpu")  # RNG states must stay on CPU
+        _check_resumable(state["args"], run_args, ddp.world_size)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        order.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        step = int(state["step"])
+        del state
+
+    train_model: torch.nn.Module = model
+    if ddp.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type != "cpu" else None
+        )
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if cfg.dtype == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    log_file = None
+    if ddp.is_main and cfg.log_jsonl:
+        Path(cfg.log_jsonl).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(cfg.log_jsonl, "a" if cfg.resume else "w")  # noqa: SIM115
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (ddp.is_main and cfg.progress), dynamic_ncols=True)
+    if ddp.is_main and cfg.progress:
+        bar.write(
+            f"model {model.num_params() / 1e6:.2f}M params | attention {backend} ({layout} rows) | "
+            f"{len(ds)} packs, seq {seq_length}, {ddp.world_size} rank(s) x {cfg.grad_accum} x "
+            f"{cfg.micro_batch_size} packs/step | device {device}"
+        )
+
+    records = []
+    model.train()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [
+            collate([ds[i] for i in order.next()], seq_length, ds.pad_id, layout).to(device)
+            for _ in range(cfg.grad_accum)
+        ]
+        local_counts = [
+            sum(mb.num_targets if cfg.loss_average == "token" else mb.num_docs for mb in micro),
+            sum(mb.num_tokens for mb in micro),
+            sum(mb.tokens_T.numel() for mb in micro),
+        ]
+        denom, tokens, processed = ddp.all_reduce_sum([float(c) for c in local_counts], device)
+        # DDP averages gradients over ranks; scale by world_size so the step's gradient is sum / denom.
+        scale = ddp.world_size / max(denom, 1.0)
+
+        total = torch.zeros((), device=device)
+        for i, mb in enumerate(micro):
+            sync = ddp.world_size == 1 or i == len(micro) - 1
+            no_sync = contextlib.nullcontext() if sync else train_model.no_sync()
+            with no_sync:
+                with autocast:
+                    at = mb.target_idx_N
+                    logits_NV = train_model(mb.tokens_T, mb.positions_T, mb.meta, backend, logits_at=at)
+                loss = loss_sum(logits_NV, mb, cfg.loss_average, at)
+                (loss * scale).backward()
+            total += loss.detach()
+
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        (loss_total,) = ddp.all_reduce_sum([total.item()], device)
+        dt = time.perf_counter() - t0
+        record = {
+            "step": step,
+            "loss": loss_total / max(denom, 1.0),
+            "tokens": int(tokens),  # real (non-pad) tokens over all ranks
+            "processed_tokens": int(processed),  # incl. padding
+            "tokens_per_s": tokens / dt,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "epoch": order.epoch,
+            "step_time_s": dt,
+        }
+        records.append(record)
+        if ddp.is_main:
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                lr=f"{lr:.2e}",
+                gnorm=f"{record['grad_norm']:.3f}",
+            )
+            bar.update(1)
+        save_now = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+        if cfg.save and save_now and ddp.is_main:
+            state = {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"step": step},
+                "data": order.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "args": run_args,
+            }
+            checkpoint.save(cfg.save, step, state)
+        if ddp.world_size > 1 and cfg.save and save_now:
+            dist.barrier()  # nobody runs ahead of a checkpoint being written
+    bar.close()
+    if log_file:
+        log_file.close()
+    return records
+
+
+# Arguments whose change would make a resumed run differ from the run it continues.
+_RESUME_MUST_MATCH = ("model_config", "micro_batch_size", "grad_accum", "seed", "seq_length", "attention")
+
+
+def _check_resumable(saved: dict, now: dict, world_size: int) -> None:
+    diff = [k for k in _RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"--resume: the checkpoint was made with different arguments ({detail}); pass the original values"
+        )
+    if saved.get("world_size", world_size) != world_size:
+        raise ValueError(
+            f"--resume: the checkpoint was made with {saved['world_size']} ranks, now {world_size}; "
+            f"resume with the same number of processes"
+        )
+
+
+def _primitive(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+__all__ = ["TrainConfig", "ModelConfig", "train", "lr_at", "loss_sum"]

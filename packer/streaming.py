@@ -33,9 +33,9 @@ def parse_window(text: str) -> tuple[int, bool]:
 
 def _drop_nones(x: Any) -> Any:
     if isinstance(x, dict):
-        return {k: _drop_nones(v) for k, v in x.items() if v is not None}
+        return {k: _drop_nones(v) if isinstance(v, (dict, list)) else v for k, v in x.items() if v is not None}
     if isinstance(x, list):
-        return [_drop_nones(v) for v in x]
+        return [_drop_nones(v) if isinstance(v, (dict, list)) else v for v in x]
     return x
 
 
@@ -94,18 +94,20 @@ def open_stream(config) -> tuple[Iterator[RawRecord], int | None]:
     return _records(ds, source), total
 
 
-def _records(ds, source: str) -> Iterator[RawRecord]:
-    it = iter(ds)
+def _records(ds, source: str, batch_size: int = 1024) -> Iterator[RawRecord]:
+    # Arrow batches converted in one call are ~7x cheaper than datasets' per-example formatting.
+    it = iter(ds.with_format("arrow").iter(batch_size=batch_size))
     number = 0
     while True:
         try:
-            rec = next(it)
+            rows = next(it).to_pylist()
         except StopIteration:
             return
         except Exception as e:  # pyarrow/datasets parse errors: name where the stream broke
             raise InputError(
-                f"{source}: could not read record {number + 1} through `datasets` ({type(e).__name__}: {e}); "
-                "drop --streaming to get the exact line, or fix the file"
+                f"{source}: could not read the records after record {number} through `datasets` "
+                f"({type(e).__name__}: {e}); drop --streaming to get the exact line, or fix the file"
             ) from e
-        number += 1
-        yield RawRecord(source, number, None, _drop_nones(rec))
+        for rec in rows:
+            number += 1
+            yield RawRecord(source, number, None, _drop_nones(rec))

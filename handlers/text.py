@@ -29,6 +29,10 @@ class TextHandler:
     default_overflow: str = "split"
 
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
+        if len(self.keys) == 1:  # fast path for the common case; anything unusual takes the checked path
+            value = record.get(self.columns.column(self.keys[0])) if isinstance(record, Mapping) else None
+            if type(value) is str and value and not value.isspace():
+                return [Segment(value, target=True)]
         parts = [self.columns.text(record, key) for key in self.keys]
         text = SEPARATOR.join(part for part in parts if part)
         if not text.strip():

@@ -159,7 +159,7 @@ class SampleEncoder:
         """
         if not batch:
             return np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64)
-        texts = ["".join(s.text for s in segs) for segs in batch]
+        texts = [segs[0].text if len(segs) == 1 else "".join(s.text for s in segs) for segs in batch]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         n = len(encodings)
         id_lists = [e.ids for e in encodings]

@@ -63,11 +63,20 @@ def check_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def count_records(path: Path) -> int | None:
-    """Cheap record count where the format gives one (parquet metadata); None otherwise."""
+    """Record count for progress ETAs where it is cheap: parquet metadata, or JSON Lines' non-blank lines
+    (one pass at ~1 GB/s, small next to tokenizing). None for JSON arrays, known only once parsed."""
+    path = Path(path)
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
+    if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(path):
+        count, last = 0, b"\n"
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                count += block.count(b"\n") - block.count(b"\n\n") - block.count(b"\n\r\n")
+                last = block[-1:]
+        return count + (last != b"\n")
     return None
 
 

@@ -88,6 +88,11 @@ def open_stream(config) -> tuple[Iterator[RawRecord], int | None]:
         source = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)"
         ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train", streaming=True, **params)
     total = None
+    if not config.hf_dataset:
+        from packer.sources import count_records
+
+        counts = [count_records(Path(f)) for f in files]
+        total = sum(counts) if all(c is not None for c in counts) else None
     info_splits = getattr(ds.info, "splits", None)
     if info_splits and config.split in info_splits and info_splits[config.split].num_examples:
         total = int(info_splits[config.split].num_examples)

@@ -34,10 +34,9 @@ from packer import __version__
 from packer.indexed import IndexedDatasetWriter, token_dtype
 from packer.manifest import (
     FORMAT,
+    file_entries,
     loss_mask_prefix,
     manifest_path,
-    output_files,
-    sha256_file,
     write_json_atomic,
 )
 from packer.packing import ALGORITHMS, PackPlan, pack
@@ -495,9 +494,6 @@ def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, stats: Pack
     cfg["inputs"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.inputs]
     cfg["overflow_effective"] = overflow
     cfg["output_prefix"] = str(prefix)
-    files = {}
-    for path in output_files(prefix):
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return {
         "format": FORMAT,
         "packer_version": __version__,
@@ -518,7 +514,7 @@ def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, stats: Pack
             "max_docs_per_pack": stats.max_samples,
         },
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "files": files,
+        "files": file_entries(prefix),
     }
 
 

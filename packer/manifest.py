@@ -34,6 +34,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_entries(prefix: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` section: size and sha256 of each of the four data files."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in output_files(prefix)}
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")

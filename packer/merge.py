@@ -19,9 +19,9 @@ from packer import __version__
 from packer.indexed import IndexedDataset, IndexedDatasetWriter
 from packer.manifest import (
     FORMAT,
+    file_entries,
     loss_mask_prefix,
     manifest_path,
-    output_files,
     read_manifest,
     sha256_file,
     write_json_atomic,
@@ -97,7 +97,7 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> di
             "max_docs_per_pack": max_docs,
         },
         "seconds": {},
-        "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in output_files(out_prefix)},
+        "files": file_entries(out_prefix),
     }
     write_json_atomic(manifest_path(out_prefix), manifest)
     return manifest

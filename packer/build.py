@@ -42,6 +42,7 @@ from packer.manifest import (
 from packer.packing import ALGORITHMS, PackPlan, pack
 from packer.records import Sample
 from packer.sources import BadRecord, RawRecord, check_inputs, count_records, read_records
+from packer.streaming import ArrowBatch
 from packer.tokenize import SampleEncoder, TokenizerInfo, load_tokenizer
 
 OVERFLOW = ("truncate", "split", "drop", "error")
@@ -155,9 +156,10 @@ class RecordEncoder:
         self.overflow = config.overflow or self.handler.default_overflow
         self.encoder = SampleEncoder(self.tokenizer, self.info, train_on_prompt=config.train_on_prompt)
 
-    def encode(self, records: list[RawRecord]) -> Chunk:
+    def encode(self, batch: list[RawRecord] | ArrowBatch) -> Chunk:
         from handlers import RecordError
 
+        records = batch.records() if isinstance(batch, ArrowBatch) else batch
         c = Counters(records=len(records))
         rejects: list[dict] = []
         segments, kept = [], []
@@ -352,15 +354,16 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
     if config.streaming:
         from packer.streaming import open_stream
 
-        records, total = open_stream(config)
+        batches, total = open_stream(config)  # already this shard's, in Arrow batches
     else:
         inputs = check_inputs(config.inputs)
         known = [count_records(p) for p in inputs]
         total = sum(known) if all(k is not None for k in known) else None
         records = read_records(inputs)
-    if config.num_shards > 1:
-        records = islice(records, config.shard_index, None, config.num_shards)
-        total = None if total is None else len(range(config.shard_index, total, config.num_shards))
+        if config.num_shards > 1:
+            records = islice(records, config.shard_index, None, config.num_shards)
+            total = None if total is None else len(range(config.shard_index, total, config.num_shards))
+        batches = _batches(records, config.batch_size)
 
     counters = Counters()
     stats = PackStats()
@@ -373,9 +376,9 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
         if config.workers > 1:
             ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
             pool = stack.enter_context(ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,)))
-            chunks = _ordered_map(pool, _encode_in_worker, _batches(records, config.batch_size), 2 * config.workers)
+            chunks = _ordered_map(pool, _encode_in_worker, batches, 2 * config.workers)
         else:
-            chunks = map(main.encode, _batches(records, config.batch_size))
+            chunks = map(main.encode, batches)
         bar = stack.enter_context(tqdm(total=total, unit="rec", desc="tokenize", disable=not progress,
                                        dynamic_ncols=True, smoothing=0.1))
 

@@ -151,3 +151,28 @@ def test_streaming_glob_and_params(tmp_path: Path, jsonl_demo: str) -> None:
     assert r.counters.records == len(lines)
     with pytest.raises(Exception, match="matches no file"):
         build(config(tmp_path, "x", inputs=(str(tmp_path / "none" / "*.jsonl"),), streaming=True), progress=False)
+
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.mark.parametrize(("handler", "relative", "seq"), [
+    ("moss", "moss/moss_003_sft_samples_combined.jsonl", 8192),  # nested `chat`: datasets stores it as Json
+    ("belle", "belle/belle_train_utils_data_dev1K.json", 1024),  # JSON Lines under a .json name
+])
+def test_streaming_real_data_matches_global(tmp_path: Path, handler: str, relative: str, seq: int) -> None:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} not found (shared data lives next to the repo)")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:150]
+    subset = tmp_path / ("subset" + path.suffix)
+    subset.write_text("".join(lines), encoding="utf-8")
+    kw = dict(handler=handler, inputs=(str(subset),), seq_length=seq)
+    g = build(config(tmp_path, "g", **kw), progress=False)
+    s = build(config(tmp_path, "s", streaming=True, **kw), progress=False)
+    assert s.counters.records == g.counters.records == 150 and s.counters.skipped == 0
+    assert samples(s.prefix) == samples(g.prefix)
+    sh = [build(config(tmp_path, "sh", streaming=True, num_shards=2, shard_index=i, **kw), progress=False).prefix
+          for i in range(2)]
+    merge(str(tmp_path / "m"), sh)
+    assert samples(str(tmp_path / "m")) == samples(g.prefix)

@@ -471,23 +471,31 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
     next_id = 0
 
     def write(packs: list[list[int]]) -> None:
-        for members in packs:
-            samples = [pending.pop(k) for k in members]
-            seq_lens = np.fromiter((s[0].size for s in samples), dtype=np.int64, count=len(samples))
-            tok_w.add_sequences(np.concatenate([s[0] for s in samples]), seq_lens)
-            mask_w.add_sequences(np.concatenate([s[1] for s in samples]), seq_lens)
-            tok_w.end_document()
-            mask_w.end_document()
-            stats.add(np.array([seq_lens.sum()]), np.array([len(samples)]))
+        """All packs that became final, in one write per dataset."""
+        if not packs:
+            return
+        samples = [pending.pop(k) for members in packs for k in members]
+        seq_lens = np.fromiter((s[0].size for s in samples), dtype=np.int64, count=len(samples))
+        per_pack = np.fromiter(map(len, packs), dtype=np.int64, count=len(packs))
+        tok_w.add_sequences(np.concatenate([s[0] for s in samples]), seq_lens)
+        mask_w.add_sequences(np.concatenate([s[1] for s in samples]), seq_lens)
+        tok_w.end_documents(per_pack)
+        mask_w.end_documents(per_pack)
+        bounds = np.concatenate([[0], np.cumsum(per_pack)])
+        csum = np.concatenate([[0], np.cumsum(seq_lens)])
+        stats.add(csum[bounds[1:]] - csum[bounds[:-1]], per_pack)
 
     for chunk in chunks:
-        ends = np.cumsum(chunk.lengths)
-        for n, end in zip(chunk.lengths.tolist(), ends.tolist(), strict=True):
-            # Copies, not views: a sample can wait in the window for many rounds, and a view would keep its
-            # whole chunk alive with it.
-            pending[next_id] = (chunk.ids[end - n : end].astype(tok_w.dtype), chunk.mask[end - n : end].copy())
-            write(packer.add(next_id, n))
-            next_id += 1
+        lengths = chunk.lengths.tolist()
+        starts = (np.cumsum(chunk.lengths) - chunk.lengths).tolist()
+        ids = chunk.ids.astype(tok_w.dtype)
+        keys = list(range(next_id, next_id + len(lengths)))
+        # Copies, not views: a sample can wait in the window for many rounds, and a view would keep its
+        # whole chunk alive with it.
+        pending.update((k, (ids[a : a + n].copy(), chunk.mask[a : a + n].copy()))
+                       for k, a, n in zip(keys, starts, lengths, strict=True))
+        next_id += len(lengths)
+        write(packer.extend(keys, lengths))
     write(packer.flush())
 
 

@@ -82,6 +82,16 @@ class ArrowBatch:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def __reduce__(self):
+        # Pickling a sliced Arrow table ships the whole parent buffer (~9 MB per 512-row batch here); the
+        # IPC stream format writes just the rows of the slice.
+        import pyarrow as pa
+
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.table.schema) as writer:
+            writer.write_table(self.table)
+        return _batch_from_ipc, (self.source, self.numbers, sink.getvalue().to_pybytes(), self.features)
+
     def records(self) -> list[RawRecord]:
         columns = self.table.to_pydict()
         if self.features is not None:
@@ -89,6 +99,12 @@ class ArrowBatch:
         rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
         return [RawRecord(self.source, n, None, _drop_nones(r))
                 for n, r in zip(self.numbers.tolist(), rows, strict=True)]
+
+
+def _batch_from_ipc(source: str, numbers: np.ndarray, ipc: bytes, features: Any) -> ArrowBatch:
+    import pyarrow as pa
+
+    return ArrowBatch(source, numbers, pa.ipc.open_stream(ipc).read_all(), features)
 
 
 def columns_read(config) -> set[str] | None:

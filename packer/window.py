@@ -49,6 +49,13 @@ class WindowPacker:
         full = self._tokens >= self.window if self.by_tokens else len(self._keys) >= self.window
         return self._round(final=False) if full else []
 
+    def extend(self, keys: list[Hashable], lengths: list[int]) -> list[list[Hashable]]:
+        """`add` for many samples at once (the streaming build's per-chunk call)."""
+        out: list[list[Hashable]] = []
+        for key, length in zip(keys, lengths, strict=True):
+            out += self.add(key, length)
+        return out
+
     def flush(self) -> list[list[Hashable]]:
         return self._round(final=True) if self._keys else []
 

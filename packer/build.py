@@ -92,6 +92,14 @@ class BuildConfig:
             raise BuildError(f"--on-error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
+        if self.batch_size < 1:
+            raise BuildError(f"--batch-size must be >= 1, got {self.batch_size}")
+        window, by_tokens = self.pack_window
+        if self.streaming and window < 2:
+            raise BuildError(f"--pack-window must hold at least 2 samples, got {window}")
+        if self.streaming and by_tokens and window < 2 * self.seq_length:
+            raise BuildError(f"a --pack-window of {window} tokens must hold at least two packs "
+                             f"({2 * self.seq_length} tokens at --seq-length {self.seq_length})")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
         if self.hf_dataset and not self.streaming:
@@ -411,25 +419,33 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
             _write_global(plan, lengths, spill, tok_w, mask_w, stats, progress)
             seconds["write"] = time.perf_counter() - t
         if stats.packs == 0:
+            hint = ""
+            if counters.skipped:
+                rejects_f.close()
+                os.replace(rejects_tmp, rejects_path)
+                hint = f"; the skipped records and why are in {rejects_path}"
             raise BuildError(
                 f"no samples to write: {counters.records} records read, {counters.skipped} skipped, "
-                f"{counters.dropped + counters.dropped_no_target} dropped"
+                f"{counters.dropped + counters.dropped_no_target} dropped{hint}"
             )
         tok_w.finalize()
         mask_w.finalize()
+        # The manifest (with every checksum) is complete before anything is renamed, so the window in which
+        # the new files are in place without their manifest is a few renames long.
+        seconds["total"] = time.perf_counter() - t0
+        manifest = _manifest(config, main.info, counters, stats, main.overflow, dtype, prefix, seconds,
+                             tok_w.pending() | mask_w.pending())
         # Up to here an earlier build at PREFIX is untouched. Its manifest goes first, so that its files
         # and ours can never be mistaken for a complete build while they are being replaced.
         manifest_path(prefix).unlink(missing_ok=True)
         mask_w.commit()
         tok_w.commit()  # PREFIX.idx last of the data files; the manifest follows
+        write_json_atomic(manifest_path(prefix), manifest)
         rejects_f.close()
         if counters.skipped:
             os.replace(rejects_tmp, rejects_path)
         else:
             rejects_path.unlink(missing_ok=True)  # a stale file from an earlier build would mislead
-    seconds["total"] = time.perf_counter() - t0
-    manifest = _manifest(config, main.info, counters, stats, main.overflow, dtype, prefix, seconds)
-    write_json_atomic(manifest_path(prefix), manifest)
     return BuildResult(str(prefix), counters, stats.packs, manifest["packing"]["lower_bound"],
                        manifest["packing"]["efficiency"], seconds, manifest)
 
@@ -500,7 +516,7 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
 
 
 def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, stats: PackStats, overflow: str,
-              dtype: np.dtype, prefix: Path, seconds: dict[str, float]) -> dict[str, Any]:
+              dtype: np.dtype, prefix: Path, seconds: dict[str, float], files: dict[str, Path]) -> dict[str, Any]:
     cfg = asdict(config)
     cfg["inputs"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.inputs]
     cfg["overflow_effective"] = overflow
@@ -525,7 +541,7 @@ def _manifest(config: BuildConfig, info: TokenizerInfo, c: Counters, stats: Pack
             "max_docs_per_pack": stats.max_samples,
         },
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "files": file_entries(prefix),
+        "files": file_entries(files),
     }
 
 

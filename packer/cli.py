@@ -177,9 +177,12 @@ def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[in
         return num_shards, shard_index, "--num-shards/--shard-index"
     env = os.environ
     if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-        lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        return (int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - lo,
-                "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
+        lo, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        offset = int(env["SLURM_ARRAY_TASK_ID"]) - lo
+        if offset % step:
+            raise click.UsageError(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']} is not on the array's step "
+                                   f"{step} from {lo}; pass --num-shards/--shard-index explicitly")
+        return (int(env["SLURM_ARRAY_TASK_COUNT"]), offset // step, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
     if "WORLD_SIZE" in env and "RANK" in env:
         return int(env["WORLD_SIZE"]), int(env["RANK"]), "RANK/WORLD_SIZE"
     return 1, 0, "single shard"

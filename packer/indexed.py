@@ -220,6 +220,10 @@ class IndexedDatasetWriter:
         self._doc_ends.close()
         self._finalized = True
 
+    def pending(self) -> dict[str, Path]:
+        """Final file name -> the finalized temporary file holding its bytes (for checksums before commit)."""
+        return {self.bin_path.name: self.tmp_bin, self.idx_path.name: self.tmp_idx}
+
     def commit(self) -> None:
         """Rename into place: .bin first, .idx last, so a visible .idx always has its .bin."""
         if not self._finalized:

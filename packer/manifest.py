@@ -34,9 +34,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_entries(prefix: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The manifest's `files` section: size and sha256 of each of the four data files."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in output_files(prefix)}
+def file_entries(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` section: size and sha256 of each data file, keyed by its final name
+    (`files` maps that name to where the bytes are now, e.g. a temporary file not yet renamed)."""
+    return {name: {"bytes": Path(p).stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()}
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

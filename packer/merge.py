@@ -34,12 +34,29 @@ class MergeError(ValueError):
     pass
 
 
-def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> dict[str, Any]:
+def normalize_prefix(path: str) -> str:
+    """Accept a prefix or any of its files (PREFIX.json / .idx / .bin), so shell globs work."""
+    for suffix in (".json", ".idx", ".bin"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow_partial: bool = False
+          ) -> dict[str, Any]:
     if not in_prefixes:
         raise MergeError("nothing to merge: give at least one input prefix")
+    in_prefixes = [normalize_prefix(p) for p in in_prefixes]
     out_abs = os.path.abspath(out_prefix)
     if any(os.path.abspath(p) == out_abs for p in in_prefixes):
         raise MergeError(f"the output {out_prefix} is also an input; choose another output prefix")
+    seen: dict[str, str] = {}
+    for p in in_prefixes:
+        key = sha256_file(manifest_path(p)) if manifest_path(p).exists() else os.path.abspath(p)
+        if key in seen or os.path.abspath(p) in seen.values():
+            raise MergeError(f"{p} is given twice (or is an identical copy of {seen.get(key, p)}): its samples "
+                             "would be merged twice")
+        seen[key] = os.path.abspath(p)
     manifests = [read_manifest(p) for p in in_prefixes]
     first = manifests[0]
     for p, m in zip(in_prefixes[1:], manifests[1:], strict=True):
@@ -50,6 +67,15 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> di
             if get(m) != get(first):
                 raise MergeError(f"{p}: {what} {get(m)!r} differs from {in_prefixes[0]}'s {get(first)!r}; "
                                  "only builds with the same tokenizer and seq_length can be merged")
+    shards = [(m["config"].get("num_shards", 1), m["config"].get("shard_index", 0)) for m in manifests]
+    counts_k = {k for k, _ in shards if k > 1}
+    if counts_k and not allow_partial:
+        k = max(counts_k)
+        have = sorted(i for kk, i in shards if kk == k)
+        if len(counts_k) > 1 or have != list(range(k)):
+            missing = sorted(set(range(k)) - set(have))
+            raise MergeError(f"the inputs are shards of a {k}-shard build but shards {missing[:10]} are missing "
+                             f"(or shard counts differ: {sorted(counts_k)}); pass --allow-partial to merge anyway")
     dtype = np.dtype(first["token_dtype"])
     counts: dict[str, int] = {}
     pack_tokens_min, pack_tokens_max, max_docs = None, 0, 0
@@ -72,15 +98,25 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> di
             max_docs = max(max_docs, p["max_docs_per_pack"])
         tok_w.finalize()
         mask_w.finalize()
+        manifest = _merged_manifest(out_prefix, in_prefixes, manifests, counts, pack_tokens_min, pack_tokens_max,
+                                    max_docs, tok_w.pending() | mask_w.pending())
         manifest_path(out_prefix).unlink(missing_ok=True)  # an older build there stops looking complete
         mask_w.commit()
         tok_w.commit()
+        write_json_atomic(manifest_path(out_prefix), manifest)
+    return manifest
+
+
+def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[dict], counts: dict[str, int],
+                     pack_tokens_min: int | None, pack_tokens_max: int, max_docs: int, files: dict) -> dict:
+    first = manifests[0]
     seq_length = first["config"]["seq_length"]
+    config = {k: v for k, v in first["config"].items() if k not in ("num_shards", "shard_index")}
     manifest = {
         "format": FORMAT,
         "packer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": first["config"] | {"output_prefix": out_prefix},
+        "config": config | {"output_prefix": out_prefix},
         "merged_from": [{"prefix": p, "manifest_sha256": sha256_file(manifest_path(p)), "config": m["config"]}
                         for p, m in zip(in_prefixes, manifests, strict=True)],
         "tokenizer": first["tokenizer"],
@@ -97,9 +133,8 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False) -> di
             "max_docs_per_pack": max_docs,
         },
         "seconds": {},
-        "files": file_entries(out_prefix),
+        "files": file_entries(files),
     }
-    write_json_atomic(manifest_path(out_prefix), manifest)
     return manifest
 
 
@@ -109,6 +144,7 @@ def _copy(tok: IndexedDataset, mask: IndexedDataset, tok_w: IndexedDatasetWriter
     docs = tok.document_indices
     lens = tok.sequence_lengths
     ends = np.cumsum(lens, dtype=np.int64)
+    doc_end_tokens = np.concatenate([[0], ends])[docs[1:]]  # tokens up to the end of each pack
     d = 0
     n_docs = tok.num_documents
     while d < n_docs:
@@ -116,8 +152,7 @@ def _copy(tok: IndexedDataset, mask: IndexedDataset, tok_w: IndexedDatasetWriter
         t0 = int(ends[s0 - 1]) if s0 else 0
         # Last pack whose end stays within the copy budget (at least one pack).
         limit = t0 + _TOKENS_PER_COPY
-        doc_end_tokens = np.where(docs[d + 1 :] > 0, ends[np.maximum(docs[d + 1 :] - 1, 0)], 0)
-        d1 = d + max(1, int(np.searchsorted(doc_end_tokens, limit, side="right")))
+        d1 = max(d + 1, int(np.searchsorted(doc_end_tokens, limit, side="right")))
         d1 = min(d1, n_docs)
         s1 = int(docs[d1])
         t1 = int(ends[s1 - 1]) if s1 else 0

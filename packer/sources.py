@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -48,10 +49,17 @@ class InputError(ValueError):
 
 
 def check_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The input files, shell-style globs expanded (sorted), each checked to exist and be a known format."""
     if not paths:
         raise InputError("no --input given")
+    expanded: list[str] = []
+    for pattern in map(os.fspath, paths):
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise InputError(f"--input {pattern!r} matches no file")
+        expanded.extend(matched)
     out = []
-    for p in map(Path, paths):
+    for p in map(Path, expanded):
         if not p.exists():
             raise InputError(f"input {p} does not exist")
         if p.is_dir():
@@ -99,9 +107,13 @@ def _looks_like_jsonl(path: Path) -> bool:
                 if not line.lstrip().startswith("{"):
                     return False
                 try:
-                    return isinstance(json.loads(line), dict)
+                    first = json.loads(line)
                 except json.JSONDecodeError:
                     return False  # a pretty-printed document: its first line is not a whole object
+                # A one-line {"data": [{...}, ...]} document is a wrapper, not the first of many records.
+                wrapper = (isinstance(first, dict) and len(first) == 1
+                           and isinstance(v := next(iter(first.values())), list) and v and isinstance(v[0], dict))
+                return isinstance(first, dict) and not wrapper
     return False
 
 

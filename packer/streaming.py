@@ -10,7 +10,6 @@ each record as it was written.
 
 from __future__ import annotations
 
-import glob
 import importlib
 import json
 import re
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.sources import InputError, RawRecord
+from packer.sources import InputError, RawRecord, check_inputs
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -56,19 +55,6 @@ def _load_params(path: str | None) -> dict[str, Any]:
     return params
 
 
-def expand_inputs(patterns: tuple[str, ...]) -> list[str]:
-    files: list[str] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matched:
-            raise InputError(f"--input {pattern!r} matches no file")
-        for f in matched:
-            if not Path(f).is_file():
-                raise InputError(f"input {f} does not exist or is not a file")
-        files.extend(matched)
-    return files
-
-
 @dataclass(frozen=True)
 class ArrowBatch:
     """A batch of streamed rows, still in Arrow form: it crosses to a worker as a few buffers (no per-record
@@ -96,7 +82,10 @@ class ArrowBatch:
         columns = self.table.to_pydict()
         if self.features is not None:
             columns = self.features.decode_batch(columns)
-        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        names = list(columns)
+        rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        if not names:  # no column at all: still one (empty) record per row, for the handler to reject
+            rows = [{} for _ in range(self.table.num_rows)]
         return [RawRecord(self.source, n, None, _drop_nones(r))
                 for n, r in zip(self.numbers.tolist(), rows, strict=True)]
 
@@ -131,35 +120,48 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
         except Exception as e:  # datasets raises many types for missing/unreachable datasets
             raise InputError(f"--hf-dataset {source}: {type(e).__name__}: {e}") from e
     else:
-        files = expand_inputs(config.inputs)
+        files = [str(p) for p in check_inputs(config.inputs)]
         kinds = {_BUILDERS.get(Path(f).suffix.lower()) for f in files}
         if None in kinds or len(kinds) != 1:
             raise InputError(
                 f"--streaming needs inputs of one kind (.json/.jsonl or .parquet), got {sorted(map(str, kinds))}; "
                 "build them separately and `packer merge` the results"
             )
-        source = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)"
-        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train", streaming=True, **params)
+        kind = kinds.pop()
+        # One stream per file, opened when reached, so that records are numbered within their own file.
+        streams = [(f, lambda f=f: datasets.load_dataset(kind, data_files=[f], split="train", streaming=True,
+                                                         **params)) for f in files]
     total = None
     if not config.hf_dataset:
         from packer.sources import count_records
 
         counts = [count_records(Path(f)) for f in files]
         total = sum(counts) if all(c is not None for c in counts) else None
-    info_splits = getattr(ds.info, "splits", None)
-    if info_splits and config.split in info_splits and info_splits[config.split].num_examples:
-        total = int(info_splits[config.split].num_examples)
+    else:
+        streams = [(source, lambda: ds)]
+        info_splits = getattr(ds.info, "splits", None)
+        if info_splits and config.split in info_splits and info_splits[config.split].num_examples:
+            total = int(info_splits[config.split].num_examples)
     if total is not None and config.num_shards > 1:
         total = len(range(config.shard_index, total, config.num_shards))
-    batches = _arrow_batches(ds, source, columns_read(config), config.batch_size, config.num_shards,
-                             config.shard_index)
-    return batches, total
+    return _stream_batches(streams, columns_read(config), config), total
 
 
-def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, num_shards: int,
-                   shard_index: int) -> Iterator[ArrowBatch]:
-    # Arrow batches are ~7x cheaper than datasets' per-example formatting, and only the handler's columns
-    # are kept. Shard I of K keeps rows I, I+K, ... of the stream, as the in-memory readers do.
+def _stream_batches(streams, columns: set[str] | None, config) -> Iterator[ArrowBatch]:
+    seen = 0  # records before this file, over all files: shards take every K-th record of the whole input
+    for source, open_ds in streams:
+        for batch, n in _arrow_batches(open_ds(), source, columns, config.batch_size, config.num_shards,
+                                       config.shard_index, seen):
+            seen += n
+            if batch is not None:
+                yield batch
+
+
+def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, num_shards: int, shard_index: int,
+                   before: int):
+    """Yield (batch of this shard's rows or None, rows read). Arrow batches are ~7x cheaper than datasets'
+    per-example formatting; only the handler's columns are kept, unless one it was told to read is missing
+    (then every column stays, so the error can list them)."""
     from datasets import Features
 
     it = iter(ds.with_format("arrow").iter(batch_size=batch_size * num_shards))
@@ -172,17 +174,18 @@ def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, n
             return
         except Exception as e:  # pyarrow/datasets parse errors: name where the stream broke
             raise InputError(
-                f"{source}: could not read the records after record {start} through `datasets` "
-                f"({type(e).__name__}: {e}); drop --streaming to get the exact line, or fix the file"
+                f"{source}: `datasets` could not read the records after record {start} ({type(e).__name__}: {e}); "
+                "--on-error skip cannot skip what the reader cannot parse: fix the file, or build without "
+                "--streaming, which reads JSON Lines line by line and reports (or skips) the exact line"
             ) from e
-        numbers = np.arange(start + 1, start + table.num_rows + 1)
-        start += table.num_rows
-        if columns is not None:
+        read = table.num_rows
+        numbers = np.arange(start + 1, start + read + 1)
+        start += read
+        if columns is not None and columns <= set(table.column_names):
             table = table.select([c for c in table.column_names if c in columns])
         if num_shards > 1:
-            keep = np.flatnonzero((numbers - 1) % num_shards == shard_index)
+            keep = np.flatnonzero((before + numbers - 1) % num_shards == shard_index)
             table, numbers = table.take(keep), numbers[keep]
         if features is not None and list(features) != table.column_names:
             features = Features({c: ds.features[c] for c in table.column_names if c in ds.features})
-        if table.num_rows:
-            yield ArrowBatch(source, numbers, table, features)
+        yield (ArrowBatch(source, numbers, table, features) if table.num_rows else None), read

@@ -176,3 +176,79 @@ def test_streaming_real_data_matches_global(tmp_path: Path, handler: str, relati
           for i in range(2)]
     merge(str(tmp_path / "m"), sh)
     assert samples(str(tmp_path / "m")) == samples(g.prefix)
+
+
+def write_lines(path: Path, records: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+
+
+def test_streaming_errors_name_the_file_and_its_own_record_number(tmp_path: Path) -> None:
+    a = write_lines(tmp_path / "a.jsonl", [GOOD] * 5)
+    b = write_lines(tmp_path / "b.jsonl", [GOOD, GOOD, {"instruction": "x", "input": ""}, GOOD])
+    from packer.build import BuildError
+
+    with pytest.raises(BuildError, match=r"b\.jsonl: record 3: field 'output'"):
+        build(config(tmp_path, "e", inputs=(a, b), streaming=True), progress=False)
+
+
+def test_streaming_without_the_handlers_columns_is_a_record_error(tmp_path: Path) -> None:
+    from packer.build import BuildError
+
+    path = write_lines(tmp_path / "t.jsonl", [{"body": "some text"}] * 3)
+    with pytest.raises(BuildError, match=r"no 'text' column \(columns: 'body'\)"):
+        build(config(tmp_path, "t", handler="text", inputs=(path,), streaming=True), progress=False)
+
+
+def test_bad_options_are_build_errors(tmp_path: Path) -> None:
+    from packer.build import BuildError
+
+    with pytest.raises(BuildError, match="pack-window"):
+        build(config(tmp_path, "o", streaming=True, pack_window=(1, False)), progress=False)
+    with pytest.raises(BuildError, match="two packs"):
+        build(config(tmp_path, "o", streaming=True, pack_window=(1000, True)), progress=False)
+    with pytest.raises(BuildError, match="batch-size"):
+        build(config(tmp_path, "o", batch_size=0), progress=False)
+
+
+def test_all_records_skipped_keeps_the_rejects(tmp_path: Path) -> None:
+    from packer.build import BuildError
+
+    path = write_lines(tmp_path / "bad.jsonl", [{"instruction": "x"}, "{not json", {"output": 3}])
+    with pytest.raises(BuildError, match="rejects.jsonl"):
+        build(config(tmp_path, "allbad", inputs=(path,), on_error="skip"), progress=False)
+    rejects = (tmp_path / "allbad.rejects.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rejects) == 3 and not (tmp_path / "allbad.idx").exists()
+
+
+def test_one_line_wrapper_and_globs(tmp_path: Path) -> None:
+    (tmp_path / "w.json").write_text(json.dumps({"data": [GOOD, GOOD]}), encoding="utf-8")
+    assert build(config(tmp_path, "w", inputs=(str(tmp_path / "w.json"),)), progress=False).counters.records == 2
+    write_lines(tmp_path / "g1.jsonl", [GOOD])
+    write_lines(tmp_path / "g2.jsonl", [GOOD] * 2)
+    r = build(config(tmp_path, "g", inputs=(str(tmp_path / "g*.jsonl"),)), progress=False)
+    assert r.counters.records == 3
+
+
+def test_merge_rejects_duplicates_and_partial_shard_sets(tmp_path: Path) -> None:
+    parts = [build(config(tmp_path, "p", num_shards=3, shard_index=i), progress=False).prefix for i in range(3)]
+    with pytest.raises(MergeError, match="given twice"):
+        merge(str(tmp_path / "m"), [parts[0], parts[0] + ".json", parts[1], parts[2]])
+    with pytest.raises(MergeError, match=r"shards \[2\] are missing"):
+        merge(str(tmp_path / "m"), parts[:2])
+    m = merge(str(tmp_path / "m"), parts[:2], allow_partial=True)
+    assert "num_shards" not in m["config"]
+    m = merge(str(tmp_path / "m2"), [p + ".json" for p in parts])  # what a shell glob on *.json gives
+    assert m["counts"]["records"] == 500
+
+
+def test_slurm_array_with_a_step(tmp_path: Path, monkeypatch) -> None:
+    for k, v in {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "0",
+                 "SLURM_ARRAY_TASK_STEP": "4"}.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(main, ["build", "--handler", "alpaca", "--output-prefix", str(tmp_path / "s"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s_shard00002_of_00004.idx").exists()

@@ -125,6 +125,7 @@ class Counters:
     dropped: int = 0  # samples dropped by --overflow drop
     dropped_no_target: int = 0  # truncation left no trainable token, or a split chunk had none
     unterminated: int = 0  # split chunks other than the last: they do not end with EOD
+    interior_eod: int = 0  # EOD ids inside samples: the record text spelled the EOD token
 
     def add(self, other: Counters) -> None:
         for f in fields(self):
@@ -198,6 +199,9 @@ class RecordEncoder:
             ids = np.concatenate([s.ids for s in out]) if out else np.zeros(0, np.int64)
             mask = np.concatenate([s.loss_mask for s in out]) if out else np.zeros(0, np.uint8)
         c.samples, c.tokens, c.target_tokens = len(lengths), int(lengths.sum()), int(mask.sum())
+        if lengths.size:
+            is_eod = ids == self.info.eod_id
+            c.interior_eod = int(is_eod.sum()) - int(is_eod[np.cumsum(lengths) - 1].sum())
         return Chunk(ids, mask, lengths, rejects, c)
 
     def _fit(self, rec: RawRecord, s: Sample, c: Counters) -> list[Sample]:

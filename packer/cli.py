@@ -165,6 +165,9 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         "tokenizing)"
         + (f"\n  skipped records written to {result.prefix}.rejects.jsonl" if c.skipped else "")
     )
+    if c.interior_eod:
+        click.echo(f"warning: {c.interior_eod:,} EOD ids occur inside samples: the record text contains the EOD "
+                   "token's string, which the tokenizer parses as the token itself", err=True)
 
 
 def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[int, int, str]:

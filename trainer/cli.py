@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from trainer.train import TrainConfig, train
@@ -58,6 +60,9 @@ def train_command(no_progress: bool, **kwargs) -> None:
     """Train a Llama-style model on packed data with document-bounded (varlen) attention."""
     try:
         cfg = TrainConfig(progress=not no_progress, **kwargs)
-        train(cfg)
+        logs = train(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+    if logs and os.environ.get("RANK", "0") == "0":
+        last = logs[-1]
+        click.echo(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s", err=True)

@@ -15,12 +15,13 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from packer.sources import InputError, RawRecord, check_inputs
+from packer.sources import InputError, RawRecord, _looks_like_jsonl, check_inputs, read_records
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -111,6 +112,7 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
     """(batches of this shard's records, total records of the shard if known) for a streaming BuildConfig."""
     import datasets
 
+    datasets.logging.set_verbosity_error()  # parse failures are reported by us, with the fix
     params = _load_params(config.hf_datasets_params)
     if config.hf_dataset:
         source = config.hf_dataset + (f"/{config.hf_config}" if config.hf_config else "")
@@ -147,14 +149,46 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
     return _stream_batches(streams, columns_read(config), config), total
 
 
-def _stream_batches(streams, columns: set[str] | None, config) -> Iterator[ArrowBatch]:
+class StreamParseError(InputError):
+    def __init__(self, source: str, start: int, cause: Exception):
+        self.source, self.start = source, start
+        super().__init__(
+            f"{source}: `datasets` could not read the records after record {start} ({type(cause).__name__}: "
+            f"{cause}); fix the file, or pass --on-error skip: JSON Lines are then re-read line by line from "
+            "there, and the bad lines reported and skipped"
+        )
+
+
+def _stream_batches(streams, columns: set[str] | None, config) -> Iterator[ArrowBatch | list[RawRecord]]:
     seen = 0  # records before this file, over all files: shards take every K-th record of the whole input
     for source, open_ds in streams:
-        for batch, n in _arrow_batches(open_ds(), source, columns, config.batch_size, config.num_shards,
-                                       config.shard_index, seen):
-            seen += n
-            if batch is not None:
-                yield batch
+        try:
+            for batch, n in _arrow_batches(open_ds(), source, columns, config.batch_size, config.num_shards,
+                                           config.shard_index, seen):
+                seen += n
+                if batch is not None:
+                    yield batch
+        except StreamParseError as e:
+            if config.on_error != "skip" or not _looks_like_lines(source):
+                raise
+            # The rest of this file, line by line: same records, numbered the same, bad lines become
+            # per-record errors that --on-error skip counts and writes to the rejects file.
+            rest = islice(read_records([Path(source)]), e.start, None)
+            for batch in _batched(rest, config.batch_size):
+                keep = [r for i, r in enumerate(batch, start=seen) if i % config.num_shards == config.shard_index]
+                seen += len(batch)
+                if keep:
+                    yield keep
+
+
+def _looks_like_lines(source: str) -> bool:
+    path = Path(source)
+    return path.is_file() and (path.suffix.lower() == ".jsonl" or _looks_like_jsonl(path))
+
+
+def _batched(it: Iterator[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    while batch := list(islice(it, size)):
+        yield batch
 
 
 def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, num_shards: int, shard_index: int,
@@ -173,11 +207,7 @@ def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, n
         except StopIteration:
             return
         except Exception as e:  # pyarrow/datasets parse errors: name where the stream broke
-            raise InputError(
-                f"{source}: `datasets` could not read the records after record {start} ({type(e).__name__}: {e}); "
-                "--on-error skip cannot skip what the reader cannot parse: fix the file, or build without "
-                "--streaming, which reads JSON Lines line by line and reports (or skips) the exact line"
-            ) from e
+            raise StreamParseError(source, start, e) from e
         read = table.num_rows
         numbers = np.arange(start + 1, start + read + 1)
         start += read

@@ -252,3 +252,18 @@ def test_slurm_array_with_a_step(tmp_path: Path, monkeypatch) -> None:
     r = CliRunner().invoke(main, ["build", "--handler", "alpaca", "--output-prefix", str(tmp_path / "s"), "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s_shard00002_of_00004.idx").exists()
+
+
+def test_streaming_skips_unparsable_lines_like_the_global_build(tmp_path: Path) -> None:
+    from packer.sources import InputError
+
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD] * 3 + ['{"instruction": broken'] + [GOOD] * 700)
+    g = build(config(tmp_path, "g", inputs=(path,), on_error="skip"), progress=False)
+    s = build(config(tmp_path, "s", inputs=(path,), on_error="skip", streaming=True, batch_size=64),
+              progress=False)
+    assert s.counters.skipped == g.counters.skipped == 1 and s.counters.records == g.counters.records == 704
+    assert samples(s.prefix) == samples(g.prefix)
+    reject = json.loads((tmp_path / "s.rejects.jsonl").read_text(encoding="utf-8"))
+    assert (reject["record"], reject["line"]) == (4, 4)
+    with pytest.raises(InputError, match="--on-error skip"):
+        build(config(tmp_path, "f", inputs=(path,), streaming=True), progress=False)

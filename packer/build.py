@@ -1,6 +1,6 @@
 """`packer build`: records -> segments -> samples -> packs -> indexed dataset.
 
-    read_records ─> handler ─> SampleEncoder ─> overflow ─> spill (arrival order, on disk)
+    read_batches ─> handler ─> SampleEncoder ─> overflow ─> spill (arrival order, on disk)
                                                                  │ lengths
                                                       pack(lengths) = PackPlan
                                                                  │
@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from packer.manifest import (
 )
 from packer.packing import ALGORITHMS, PackPlan, pack
 from packer.records import Sample
-from packer.sources import BadRecord, RawRecord, check_inputs, count_records, read_records
+from packer.sources import BadRecord, LineBlock, RawRecord, check_inputs, count_records, read_batches
 from packer.streaming import ArrowBatch
 from packer.tokenize import SampleEncoder, TokenizerInfo, load_tokenizer
 
@@ -142,6 +141,14 @@ class Chunk:
     rejects: list[dict]
     counters: Counters
 
+    @staticmethod
+    def join(parts: list[Chunk]) -> Chunk:
+        c = Counters()
+        for part in parts:
+            c.add(part.counters)
+        return Chunk(np.concatenate([p.ids for p in parts]), np.concatenate([p.mask for p in parts]),
+                     np.concatenate([p.lengths for p in parts]), [r for p in parts for r in p.rejects], c)
+
 
 class RecordEncoder:
     """handler + tokenizer + overflow policy for one process; `encode` turns raw records into a Chunk."""
@@ -163,12 +170,20 @@ class RecordEncoder:
         except ValueError as e:
             raise BuildError(str(e)) from e
         self.overflow = config.overflow or self.handler.default_overflow
+        self.dtype = np.dtype(token_dtype(self.info.vocab_size))
         self.encoder = SampleEncoder(self.tokenizer, self.info, train_on_prompt=config.train_on_prompt)
 
-    def encode(self, batch: list[RawRecord] | ArrowBatch) -> Chunk:
+    def encode(self, batch: list[RawRecord] | ArrowBatch | LineBlock) -> Chunk:
+        """A batch of raw records -> one Chunk, tokenized --batch-size records per encode_batch call."""
+        records = batch if isinstance(batch, list) else batch.records()
+        size = self.config.batch_size
+        if len(records) <= size:
+            return self._encode(records)
+        return Chunk.join([self._encode(records[i : i + size]) for i in range(0, len(records), size)])
+
+    def _encode(self, records: list[RawRecord]) -> Chunk:
         from handlers import RecordError
 
-        records = batch.records() if isinstance(batch, ArrowBatch) else batch
         c = Counters(records=len(records))
         rejects: list[dict] = []
         segments, kept = [], []
@@ -202,7 +217,8 @@ class RecordEncoder:
         if lengths.size:
             is_eod = ids == self.info.eod_id
             c.interior_eod = int(is_eod.sum()) - int(is_eod[np.cumsum(lengths) - 1].sum())
-        return Chunk(ids, mask, lengths, rejects, c)
+        # In the output's dtype already: a quarter of the bytes to send back for a < 65536 vocabulary.
+        return Chunk(ids.astype(self.dtype), mask, lengths, rejects, c)
 
     def _fit(self, rec: RawRecord, s: Sample, c: Counters) -> list[Sample]:
         """Apply --overflow to a sample longer than --seq-length."""
@@ -252,7 +268,7 @@ def _init_worker(config: BuildConfig) -> None:
     _worker_encoder = RecordEncoder(config)
 
 
-def _encode_in_worker(records: list[RawRecord]) -> Chunk:
+def _encode_in_worker(records: list[RawRecord] | ArrowBatch | LineBlock) -> Chunk:
     if _worker_encoder is None:
         raise RuntimeError("worker used before _init_worker ran")
     return _worker_encoder.encode(records)
@@ -267,12 +283,6 @@ def _ordered_map(pool, fn, items: Iterable, max_in_flight: int) -> Iterator:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
-
-
-def _batches(it: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
-    it = iter(it)
-    while batch := list(islice(it, size)):
-        yield batch
 
 
 class _SampleSpill:
@@ -371,11 +381,9 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
         inputs = check_inputs(config.inputs)
         known = [count_records(p) for p in inputs]
         total = sum(known) if all(k is not None for k in known) else None
-        records = read_records(inputs)
-        if config.num_shards > 1:
-            records = islice(records, config.shard_index, None, config.num_shards)
-            total = None if total is None else len(range(config.shard_index, total, config.num_shards))
-        batches = _batches(records, config.batch_size)
+        if total is not None and config.num_shards > 1:
+            total = len(range(config.shard_index, total, config.num_shards))
+        batches = read_batches(inputs, config.batch_size, config.num_shards, config.shard_index)
 
     counters = Counters()
     stats = PackStats()
@@ -482,40 +490,66 @@ def _write_global(plan: PackPlan, lengths: np.ndarray, spill: _SampleSpill, tok_
 
 def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: IndexedDatasetWriter,
                      mask_w: IndexedDatasetWriter, stats: PackStats) -> None:
-    """Online packing: samples wait in a bounded window and are written as soon as their pack is final."""
+    """Online packing: samples wait in a bounded window and are written as soon as their pack is final.
+
+    The waiting samples' tokens live in arrays: chunks are appended as they arrive, and each time packs are
+    written the samples still waiting are compacted into one fresh buffer, so memory follows the window (a
+    sample that waits many rounds does not keep its whole chunk alive) at about one copy per token.
+    """
     from packer.window import WindowPacker
 
     window, by_tokens = config.pack_window
     packer = WindowPacker(config.seq_length, window, by_tokens=by_tokens)
-    pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    next_id = 0
+    parts_ids: list[np.ndarray] = []  # the waiting tokens: the compacted buffer, then the chunks since
+    parts_mask: list[np.ndarray] = []
+    keys = np.zeros(0, np.int64)  # waiting samples: arrival number (ascending), start in the parts, length
+    starts = np.zeros(0, np.int64)
+    lens = np.zeros(0, np.int64)
+    held = 0  # tokens in the parts
+    next_key = 0
 
-    def write(packs: list[list[int]]) -> None:
-        """All packs that became final, in one write per dataset."""
-        if not packs:
+    def gather(at: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Token positions of the samples starting at `at` with lengths `n`, concatenated."""
+        first = np.cumsum(n) - n
+        return np.repeat(at - first, n) + np.arange(int(n.sum()))
+
+    def write(packs) -> None:
+        nonlocal parts_ids, parts_mask, keys, starts, lens, held
+        if not len(packs):
             return
-        samples = [pending.pop(k) for members in packs for k in members]
-        seq_lens = np.fromiter((s[0].size for s in samples), dtype=np.int64, count=len(samples))
-        per_pack = np.fromiter(map(len, packs), dtype=np.int64, count=len(packs))
-        tok_w.add_sequences(np.concatenate([s[0] for s in samples]), seq_lens)
-        mask_w.add_sequences(np.concatenate([s[1] for s in samples]), seq_lens)
-        tok_w.end_documents(per_pack)
-        mask_w.end_documents(per_pack)
-        bounds = np.concatenate([[0], np.cumsum(per_pack)])
+        ids = parts_ids[0] if len(parts_ids) == 1 else np.concatenate(parts_ids)
+        mask = parts_mask[0] if len(parts_mask) == 1 else np.concatenate(parts_mask)
+        at = np.searchsorted(keys, packs.members)  # keys are ascending
+        seq_lens = lens[at]
+        where = gather(starts[at], seq_lens)
+        tok_w.add_sequences(ids[where], seq_lens)
+        mask_w.add_sequences(mask[where], seq_lens)
+        tok_w.end_documents(packs.sizes)
+        mask_w.end_documents(packs.sizes)
+        bounds = np.concatenate([[0], np.cumsum(packs.sizes)])
         csum = np.concatenate([[0], np.cumsum(seq_lens)])
-        stats.add(csum[bounds[1:]] - csum[bounds[:-1]], per_pack)
+        stats.add(csum[bounds[1:]] - csum[bounds[:-1]], packs.sizes)
+        waiting = np.ones(keys.size, dtype=bool)
+        waiting[at] = False
+        keys, lens = keys[waiting], lens[waiting]
+        where = gather(starts[waiting], lens)
+        parts_ids, parts_mask = [ids[where]], [mask[where]]
+        starts = np.cumsum(lens) - lens
+        held = int(lens.sum())
 
     for chunk in chunks:
-        lengths = chunk.lengths.tolist()
-        starts = (np.cumsum(chunk.lengths) - chunk.lengths).tolist()
-        ids = chunk.ids.astype(tok_w.dtype)
-        keys = list(range(next_id, next_id + len(lengths)))
-        # Copies, not views: a sample can wait in the window for many rounds, and a view would keep its
-        # whole chunk alive with it.
-        pending.update((k, (ids[a : a + n].copy(), chunk.mask[a : a + n].copy()))
-                       for k, a, n in zip(keys, starts, lengths, strict=True))
-        next_id += len(lengths)
-        write(packer.extend(keys, lengths))
+        n = chunk.lengths.size
+        if not n:
+            continue
+        parts_ids.append(chunk.ids.astype(tok_w.dtype, copy=False))
+        parts_mask.append(chunk.mask)
+        new_keys = np.arange(next_key, next_key + n, dtype=np.int64)
+        keys = np.concatenate([keys, new_keys])
+        starts = np.concatenate([starts, held + np.cumsum(chunk.lengths) - chunk.lengths])
+        lens = np.concatenate([lens, chunk.lengths])
+        held += int(chunk.lengths.sum())
+        next_key += n
+        write(packer.extend(new_keys, chunk.lengths))
     write(packer.flush())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -9,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -29,11 +32,85 @@ class RawRecord(NamedTuple):
         try:
             return json.loads(self.data)
         except json.JSONDecodeError as e:
-            return BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", self.data[:200])
+            return BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", _head(self.data))
+        except UnicodeDecodeError as e:
+            return BadRecord(f"not UTF-8 (byte {e.start + 1} of the line); re-encode the file as UTF-8",
+                             _head(self.data))
 
     def where(self) -> str:
         loc = f"record {self.number}" + (f" (line {self.line})" if self.line is not None else "")
         return f"{self.source}: {loc}"
+
+
+def _head(line: str | bytes) -> str:
+    return line[:200] if isinstance(line, str) else line[:200].decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class LineBlock:
+    """Whole lines of a JSON Lines file, unparsed. The reader's work per block is a few byte scans, whatever
+    the number of records: splitting, parsing and sharding happen in `records()`, in the tokenizer workers.
+    Lines are split at b"\n" (a trailing \r is JSON whitespace); blank lines are not records."""
+
+    source: str
+    data: bytes
+    first_line: int  # 1-based line number of the block's first line
+    first_record: int  # 1-based record number (within the file) of its first record
+    first_index: int  # 0-based index of its first record in the whole input: shards take every K-th
+    num_records: int
+    num_shards: int = 1
+    shard_index: int = 0
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def records(self) -> list[RawRecord]:
+        out = []
+        number, index = self.first_record, self.first_index
+        k, i = self.num_shards, self.shard_index
+        for line_no, line in enumerate(self.data.split(b"\n"), start=self.first_line):
+            if not line.strip():
+                continue
+            if k == 1 or index % k == i:
+                out.append(RawRecord(self.source, number, line_no, line, raw=True))
+            number += 1
+            index += 1
+        return out
+
+
+_SPACE = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
+
+
+def _lines_and_blanks(data: bytes) -> tuple[int, int]:
+    """(lines, whitespace-only lines) of a chunk of whole lines. Vectorized: only lines that start with
+    whitespace are looked at one by one, and JSON Lines rarely have any."""
+    if not data:
+        return 0, 0
+    arr = np.frombuffer(data, dtype=np.uint8)
+    starts = np.flatnonzero(arr == 10) + 1
+    lines = starts.size + (data[-1:] != b"\n")
+    starts = np.concatenate([[0], starts[starts < arr.size]])
+    blanks = 0
+    for at in starts[np.isin(arr[starts], _SPACE)].tolist():
+        end = data.find(b"\n", at)
+        blanks += not data[at : end if end >= 0 else None].strip()
+    return int(lines), blanks
+
+
+def read_line_blocks(path: Path, first_index: int = 0, num_shards: int = 1, shard_index: int = 0,
+                     block_bytes: int = 1 << 18) -> Iterator[LineBlock]:
+    """A JSON Lines file as LineBlocks of about `block_bytes` (whole lines, so records are never cut)."""
+    line, number, index = 1, 1, first_index
+    with open(path, "rb") as f:
+        while data := f.read(block_bytes):
+            if not data.endswith(b"\n"):
+                data += f.readline()
+            if line == 1 and data.startswith(codecs.BOM_UTF8):
+                data = data[len(codecs.BOM_UTF8):]  # json.loads would take the BOM for the first record
+            lines, blanks = _lines_and_blanks(data)
+            n = lines - blanks
+            yield LineBlock(str(path), data, line, number, index, n, num_shards, shard_index)
+            line, number, index = line + lines, number + n, index + n
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +156,14 @@ def count_records(path: Path) -> int | None:
 
         return pq.ParquetFile(path).metadata.num_rows
     if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(path):
-        count, last = 0, b"\n"
+        count = 0
         with open(path, "rb") as f:
             while block := f.read(1 << 24):
-                count += block.count(b"\n") - block.count(b"\n\n") - block.count(b"\n\r\n")
-                last = block[-1:]
-        return count + (last != b"\n")
+                if not block.endswith(b"\n"):
+                    block += f.readline()
+                lines, blanks = _lines_and_blanks(block)
+                count += lines - blanks
+        return count
     return None
 
 
@@ -101,7 +180,7 @@ def read_records(paths: Sequence[Path]) -> Iterator[RawRecord]:
 
 def _looks_like_jsonl(path: Path) -> bool:
     """Some .json files (e.g. BELLE's) are really JSON Lines: their first line is a whole JSON object."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
                 if not line.lstrip().startswith("{"):
@@ -118,13 +197,32 @@ def _looks_like_jsonl(path: Path) -> bool:
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRecord]:
-    number = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            number += 1
-            yield RawRecord(str(path), number, line_no, line, raw=True)
+    for block in read_line_blocks(path):
+        yield from block.records()
+
+
+def read_batches(paths: Sequence[Path], batch_size: int, num_shards: int = 1,
+                 shard_index: int = 0) -> Iterator[LineBlock | list[RawRecord]]:
+    """This shard's records of all `paths`, in order, in batches for the tokenizer workers: JSON Lines as
+    unparsed LineBlocks, other files as lists of at most `batch_size` records. Record k of the whole input
+    (0-based, over all files) belongs to shard k % num_shards."""
+    index = 0
+    for path in paths:
+        if path.suffix.lower() == ".jsonl" or (path.suffix.lower() == ".json" and _looks_like_jsonl(path)):
+            for block in read_line_blocks(path, index, num_shards, shard_index):
+                index += block.num_records
+                yield block
+            continue
+        batch: list[RawRecord] = []
+        for rec in read_records([path]):
+            if index % num_shards == shard_index:
+                batch.append(rec)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            index += 1
+        if batch:
+            yield batch
 
 
 def _read_json_array(path: Path) -> Iterator[RawRecord]:

@@ -10,9 +10,11 @@ each record as it was written.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -54,6 +56,22 @@ def _load_params(path: str | None) -> dict[str, Any]:
         raise InputError(f"--hf-datasets-params {path}: expected a JSON object of load_dataset keyword arguments")
     params.pop("streaming", None)
     return params
+
+
+@contextlib.contextmanager
+def _torch_unseen():
+    """Hide torch from `datasets` while it builds IterableDatasets: it imports torch (1.5 s of the reader's CPU
+    here, where that CPU is what the tokenizer workers lack) only to put an epoch counter in shared memory for
+    torch DataLoader workers, and we use none. Nothing changes where the caller already imported torch."""
+    from datasets import config as ds_config
+
+    saved = ds_config.TORCH_AVAILABLE
+    if "torch" not in sys.modules:
+        ds_config.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        ds_config.TORCH_AVAILABLE = saved
 
 
 @dataclass(frozen=True)
@@ -117,8 +135,9 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
     if config.hf_dataset:
         source = config.hf_dataset + (f"/{config.hf_config}" if config.hf_config else "")
         try:
-            ds = datasets.load_dataset(config.hf_dataset, config.hf_config, split=config.split, streaming=True,
-                                       **params)
+            with _torch_unseen():
+                ds = datasets.load_dataset(config.hf_dataset, config.hf_config, split=config.split, streaming=True,
+                                           **params)
         except Exception as e:  # datasets raises many types for missing/unreachable datasets
             raise InputError(f"--hf-dataset {source}: {type(e).__name__}: {e}") from e
     else:
@@ -131,8 +150,13 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
             )
         kind = kinds.pop()
         # One stream per file, opened when reached, so that records are numbered within their own file.
-        streams = [(f, lambda f=f: datasets.load_dataset(kind, data_files=[f], split="train", streaming=True,
-                                                         **params)) for f in files]
+        def opener(f: str):
+            def open_ds():
+                with _torch_unseen():
+                    return datasets.load_dataset(kind, data_files=[f], split="train", streaming=True, **params)
+            return open_ds
+
+        streams = [(f, opener(f)) for f in files]
     total = None
     if not config.hf_dataset:
         from packer.sources import count_records
@@ -198,7 +222,8 @@ def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, n
     (then every column stays, so the error can list them)."""
     from datasets import Features
 
-    it = iter(ds.with_format("arrow").iter(batch_size=batch_size * num_shards))
+    with _torch_unseen():
+        it = iter(ds.with_format("arrow").iter(batch_size=batch_size * num_shards))
     features = ds.features
     start = 0
     while True:

@@ -8,7 +8,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from packer.sources import BadRecord, InputError, check_inputs, count_records, read_records
+from packer.sources import (
+    BadRecord,
+    InputError,
+    LineBlock,
+    check_inputs,
+    count_records,
+    read_batches,
+    read_line_blocks,
+    read_records,
+)
 
 
 def test_json_array(tmp_path, helpers):
@@ -102,3 +111,42 @@ def test_json_lines_named_json_with_a_bad_first_line(tmp_path):
     recs = list(read_records([p]))
     assert isinstance(recs[0].parsed(), BadRecord)
     assert [r.parsed() for r in recs[1:]] == [{"x": 2}, {"x": 3}]
+
+
+# -- JSON Lines in blocks: the build's reader hands unparsed lines to the workers ------------------------
+
+TRICKY = (b'\xef\xbb\xbf{"x": 1}\r\n\r\n  \t \n{"x": 2}\n\n{bad\n{"x": "\xff\xfe"}\n \x0c\n'
+          b'  {"x": 3}  \n{"x": 4}')  # BOM, CRLF, blank and whitespace lines, bad JSON, bad UTF-8, no final \n
+
+
+def _flat(blocks):
+    return [r for b in blocks for r in (b.records() if isinstance(b, LineBlock) else b)]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 16, 1 << 18])
+def test_line_blocks_number_like_line_by_line(tmp_path, block_bytes):
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(TRICKY)
+    blocks = list(read_line_blocks(p, block_bytes=block_bytes))
+    recs = _flat(blocks)
+    assert sum(b.num_records for b in blocks) == len(recs) == count_records(p) == 6
+    assert [(r.number, r.line) for r in recs] == [(1, 1), (2, 4), (3, 6), (4, 7), (5, 9), (6, 10)]
+    parsed = [r.parsed() for r in recs]
+    assert parsed[0] == {"x": 1} and parsed[1] == {"x": 2} and parsed[4] == {"x": 3} and parsed[5] == {"x": 4}
+    assert "invalid JSON" in parsed[2].message and parsed[2].raw == "{bad"
+    assert "not UTF-8" in parsed[3].message and "re-encode" in parsed[3].message
+    json.dumps(parsed[3].raw)  # the rejects file can hold it
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_read_batches_shards_over_files(tmp_path, helpers, shards):
+    a = helpers.write_jsonl(tmp_path / "a.jsonl", [{"i": i} for i in range(1000)])
+    b = helpers.write_json(tmp_path / "b.json", [{"i": i} for i in range(1000, 1300)])
+    c = helpers.write_jsonl(tmp_path / "c.jsonl", [{"i": i} for i in range(1300, 1333)])
+    everything = [r.parsed()["i"] for r in read_records([a, b, c])]
+    got = []
+    for k in range(shards):
+        part = _flat(read_batches([a, b, c], 64, shards, k))
+        assert [r.parsed()["i"] for r in part] == everything[k::shards]
+        got += part
+    assert sorted(r.parsed()["i"] for r in got) == everything

@@ -233,3 +233,52 @@ def test_ordinary_token_as_eod_is_not_swallowed(make_tokenizer):
     assert with_bang.ids.tolist() == tok.encode("Q: Hi!").ids + [info.eod_id]
     assert with_bang.ids.tolist() != without.ids.tolist()
     assert with_bang.ids[-1] == info.eod_id and with_bang.loss_mask[-1] == 1
+
+
+# -- the offset-free fast path (every token a target) ----------------------------------------------------
+
+FAST_TEXTS = ["Hello world", "", " ", "<s>Hi", "x </s> y", "<|endoftext|> inside", "tail <|endoftext|>",
+              "Ünïcödé 中文 🙂", "a\n\nb\tc", "!"]
+
+
+def _both_paths(tok, info, batch, train_on_prompt=False):
+    fast = SampleEncoder(tok, info, train_on_prompt)
+    slow = SampleEncoder(tok, info, train_on_prompt)
+    slow._encode_fast = None  # force encode_batch + character offsets
+    return fast.encode_flat(batch), slow.encode_flat(batch)
+
+
+@pytest.mark.parametrize("kind", ["plain", "bos", "bos+eos", "llama2", "gpt2", "bang-eod"])
+def test_fast_path_equals_offsets_path(make_tokenizer, gpt2_tokenizer, llama2_tokenizer, kind):
+    d = {"plain": lambda: make_tokenizer(["<|endoftext|>", "<s>", "</s>"]),
+         "bos": lambda: make_tokenizer(["<|endoftext|>", "<s>"], bos="<s>"),
+         "bos+eos": lambda: make_tokenizer(["<s>", "</s>"], bos="<s>", eos_post="</s>"),
+         "llama2": lambda: llama2_tokenizer, "gpt2": lambda: gpt2_tokenizer,
+         "bang-eod": lambda: make_tokenizer()}[kind]()
+    tok, info = load_tokenizer(d, "!" if kind == "bang-eod" else None)
+    enc = SampleEncoder(tok, info)
+    assert enc._affix == {"plain": (0, 0), "bos": (1, 0), "bos+eos": (1, 1), "llama2": (1, 0), "gpt2": (0, 0),
+                          "bang-eod": (0, 0)}[kind]
+    batch = [[Segment(t, target=True)] for t in FAST_TEXTS]
+    (fi, fm, fl), (si, sm, sl) = _both_paths(tok, info, batch)
+    assert fl.tolist() == sl.tolist() and fi.tolist() == si.tolist() and fm.tolist() == sm.tolist()
+    # --train-on-prompt makes mixed segments all-target: the fast path again
+    mixed = [[Segment("Q: "), Segment(t, target=True)] for t in FAST_TEXTS]
+    (fi, fm, fl), (si, sm, sl) = _both_paths(tok, info, mixed, train_on_prompt=True)
+    assert fl.tolist() == sl.tolist() and fi.tolist() == si.tolist() and fm.tolist() == sm.tolist()
+
+
+def test_fast_path_on_real_records(real_tokenizer, helpers):
+    tok, info = load_tokenizer(real_tokenizer)
+    records = helpers.read_records("alpaca/stanford_alpaca_pr152_alpaca_5000.json")[:800]
+    batch = [[Segment(f"{r['instruction']}\n{r['input']}\n{r['output']}", target=True)] for r in records]
+    (fi, fm, fl), (si, sm, sl) = _both_paths(tok, info, batch)
+    assert np.array_equal(fl, sl) and np.array_equal(fi, si) and np.array_equal(fm, sm)
+
+
+def test_word_cache_does_not_change_ids(gpt2_tokenizer):
+    texts = [f"word{i} and more words {i * 7919}" for i in range(3000)]
+    plain = Tokenizer.from_file(str(gpt2_tokenizer))
+    tok, info = load_tokenizer(gpt2_tokenizer)
+    SampleEncoder(tok, info)  # enlarges the cache
+    assert [e.ids for e in tok.encode_batch(texts)] == [e.ids for e in plain.encode_batch(texts)]

@@ -18,9 +18,9 @@ def run(lengths: np.ndarray, capacity: int, window: int, by_tokens: bool = False
     wp = WindowPacker(capacity, window, by_tokens=by_tokens)
     packs, peak = [], 0
     for i, n in enumerate(lengths.tolist()):
-        packs += wp.add(i, n)
+        packs += wp.add(i, n).lists()
         peak = max(peak, len(wp))
-    packs += wp.flush()
+    packs += wp.flush().lists()
     return packs, peak
 
 
@@ -44,9 +44,9 @@ def test_token_window_is_bounded() -> None:
     wp = WindowPacker(100, 1000, by_tokens=True)
     emitted = 0
     for i, n in enumerate(lengths.tolist()):
-        emitted += sum(len(p) for p in wp.add(i, n))
+        emitted += int(wp.add(i, n).sizes.sum())
         assert sum(int(lengths[k]) for k in wp._keys) < 1000 + 100  # the window plus at most one sample
-    emitted += sum(len(p) for p in wp.flush())
+    emitted += int(wp.flush().sizes.sum())
     assert emitted == lengths.size
 
 
@@ -77,3 +77,21 @@ def test_rejects_bad_sizes() -> None:
         WindowPacker(100, 150, by_tokens=True)
     with pytest.raises(ValueError, match="outside"):
         WindowPacker(10, 10).add(0, 11)
+
+
+@pytest.mark.parametrize("by_tokens", [False, True])
+@pytest.mark.parametrize("seed", range(20))
+def test_extend_equals_adding_one_by_one(seed: int, by_tokens: bool) -> None:
+    """The build hands over whole chunks; the rounds (and so the packs) must not depend on chunking."""
+    rng = np.random.default_rng(seed)
+    capacity = int(rng.integers(8, 300))
+    window = int(rng.integers(2 * capacity, 6 * capacity)) if by_tokens else int(rng.integers(2, 300))
+    lengths = rng.integers(1, capacity + 1, size=int(rng.integers(0, 3000)))
+    one_by_one, _ = run(lengths, capacity, window, by_tokens)
+    wp, chunked, i = WindowPacker(capacity, window, by_tokens=by_tokens), [], 0
+    while i < lengths.size:
+        k = int(rng.integers(1, 700))
+        chunked += wp.extend(np.arange(i, min(i + k, lengths.size)), lengths[i : i + k]).lists()
+        i += k
+    chunked += wp.flush().lists()
+    assert chunked == one_by_one

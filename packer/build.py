@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import multiprocessing as mp
 import os
 import sys
@@ -310,13 +311,26 @@ class _SampleSpill:
         self._lengths = []
         return lengths
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Fresh read-only maps of (ids, mask). Callers drop them after each chunk: mapped pages count as
-        resident memory for as long as the map lives, which would grow with the corpus."""
-        if self.ids_path.stat().st_size == 0:
-            return np.zeros(0, self.dtype), np.zeros(0, np.uint8)
-        return (np.memmap(self.ids_path, dtype=self.dtype, mode="r"),
-                np.memmap(self.mask_path, dtype=np.uint8, mode="r"))
+    @contextlib.contextmanager
+    def maps(self) -> Iterator[_SpillMaps]:
+        """Read-only maps of (ids, mask), for the gather; `drop()` gives their resident pages back."""
+        with contextlib.ExitStack() as stack:
+            arrays, maps = [], []
+            for path, dtype in ((self.ids_path, self.dtype), (self.mask_path, np.dtype(np.uint8))):
+                if path.stat().st_size == 0:
+                    arrays.append(np.zeros(0, dtype))
+                    continue
+                with open(path, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                stack.callback(m.close)  # runs after the arrays below are gone (closing a viewed map fails)
+                maps.append(m)
+                arrays.append(np.frombuffer(m, dtype=dtype))
+            view = _SpillMaps(arrays[0], arrays[1], maps)
+            try:
+                yield view
+            finally:
+                view.ids = view.mask = None
+                del arrays
 
     def close(self) -> None:
         for f in (self._ids, self._mask):
@@ -328,6 +342,26 @@ class _SampleSpill:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+RESIDENT_SPILL = 32 << 20  # bytes of the spill that may stay mapped while gathering (see _SpillMaps.drop)
+
+
+@dataclass
+class _SpillMaps:
+    ids: np.ndarray
+    mask: np.ndarray
+    maps: list[mmap.mmap]
+
+    def drop(self) -> None:
+        """Unmap the pages read so far (they stay in the page cache). Every fault on a file map also maps the
+        cached pages around it (the kernel's fault-around, 64 KiB; MADV_RANDOM does not stop it), so a gather
+        of scattered samples would otherwise leave the whole spill resident, growing with the corpus. A spill
+        within RESIDENT_SPILL is left mapped: re-faulting its pages would only cost time (~1 us per sample)."""
+        if sum(len(m) for m in self.maps) <= RESIDENT_SPILL or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for m in self.maps:
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -463,28 +497,37 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
 
 
 def _write_global(plan: PackPlan, lengths: np.ndarray, spill: _SampleSpill, tok_w: IndexedDatasetWriter,
-                  mask_w: IndexedDatasetWriter, stats: PackStats, progress: bool, chunk_tokens: int = 1 << 18) -> None:
-    """Gather the spilled samples in pack order into the two indexed datasets, ~chunk_tokens at a time."""
+                  mask_w: IndexedDatasetWriter, stats: PackStats, progress: bool, chunk_tokens: int = 1 << 18,
+                  chunk_samples: int = 256) -> None:
+    """Gather the spilled samples in pack order into the two indexed datasets, a group of whole packs at a time
+    (at most chunk_tokens tokens and chunk_samples samples, unless one pack alone is more). The map's pages
+    are dropped after each group, so the resident spill stays within max(RESIDENT_SPILL, ~2 x chunk_samples x
+    64 KiB) = 32 MiB, whatever the corpus."""
     starts = np.cumsum(lengths) - lengths
-    packs_per_chunk = max(1, chunk_tokens // max(1, int(plan.pack_lengths(lengths).max(initial=1))))
-    with tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar:
-        for p0 in range(0, plan.num_packs, packs_per_chunk):
-            ids, mask = spill.arrays()
-            p1 = min(p0 + packs_per_chunk, plan.num_packs)
+    ends = np.cumsum(plan.pack_lengths(lengths))  # tokens up to the end of each pack
+    groups = [0]
+    while groups[-1] < plan.num_packs:
+        p0 = groups[-1]
+        by_tokens = int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + chunk_tokens, side="right"))
+        by_samples = int(np.searchsorted(plan.offsets, plan.offsets[p0] + chunk_samples, side="right")) - 1
+        groups.append(max(p0 + 1, min(by_tokens, by_samples, plan.num_packs)))
+    with (tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar,
+          spill.maps() as spilled):
+        for p0, p1 in zip(groups[:-1], groups[1:], strict=False):
             members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
             seq_lens = lengths[members]
             # Token positions of every member, concatenated: start_j + 0..len_j-1.
             first = np.cumsum(seq_lens) - seq_lens
             gather = np.repeat(starts[members] - first, seq_lens) + np.arange(int(seq_lens.sum()))
             per_pack = np.diff(plan.offsets[p0 : p1 + 1])
-            tok_w.add_sequences(ids[gather], seq_lens)
+            tok_w.add_sequences(spilled.ids[gather], seq_lens)
             tok_w.end_documents(per_pack)
-            mask_w.add_sequences(mask[gather], seq_lens)
+            mask_w.add_sequences(spilled.mask[gather], seq_lens)
             mask_w.end_documents(per_pack)
+            spilled.drop()
             csum = np.concatenate([[0], np.cumsum(seq_lens)])
             bounds = np.concatenate([[0], np.cumsum(per_pack)])
             stats.add(csum[bounds[1:]] - csum[bounds[:-1]], per_pack)
-            del ids, mask
             bar.update(p1 - p0)
 
 

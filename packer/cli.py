@@ -94,7 +94,7 @@ def _parse_map_keys(ctx, param, value: str | None) -> dict[str, str]:
               help="Streaming packer window: samples (16384, 16k) or tokens (8M-tokens).")
 @click.option("--num-shards", type=int, help="Build one of K disjoint shards (default: from torchrun/SLURM env).")
 @click.option("--shard-index", type=int, help="Which shard, 0-based.")
-@click.option("--batch-size", type=int, default=512, show_default=True, help="Records per encode_batch call.")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Records per encode_batch call, at most.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
 def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,

@@ -8,6 +8,11 @@ cover no character and are never targets. Then exactly one EOD is appended, and 
     segments   "### Response:\\n" (prompt)  "Hi there" (target)
     tokens     ###  Response  :  \\n  Hi  ' there'  EOD
     loss_mask   0      0      0   0   1      1       1
+
+When every segment of a batch is a target (pretraining text, --train-on-prompt), no character offsets are
+needed: the batch goes through `encode_batch_fast` (the same ids, ~25% less work), and the post-processor's
+tokens are found by position, since it adds the same prefix and suffix around every text (checked by probing;
+otherwise offsets are used as above).
 """
 
 from __future__ import annotations

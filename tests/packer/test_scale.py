@@ -267,3 +267,36 @@ def test_streaming_skips_unparsable_lines_like_the_global_build(tmp_path: Path) 
     assert (reject["record"], reject["line"]) == (4, 4)
     with pytest.raises(InputError, match="--on-error skip"):
         build(config(tmp_path, "f", inputs=(path,), streaming=True), progress=False)
+
+
+def test_hub_dataset_call_and_errors(tmp_path: Path, jsonl_demo: str, monkeypatch) -> None:
+    """No network here: `load_dataset` is replaced by a local stream, to check what --hf-dataset asks of it."""
+    import datasets
+
+    from packer.sources import InputError
+    from packer.streaming import open_stream
+
+    real = datasets.load_dataset
+    calls = []
+
+    def fake(name, config_name=None, **kw):
+        calls.append((name, config_name, kw))
+        if name == "missing/dataset":
+            raise FileNotFoundError("Dataset 'missing/dataset' doesn't exist on the Hub")
+        ds = real("json", data_files=[jsonl_demo], split="train", streaming=True)
+        ds.info.splits = datasets.SplitDict({"validation": datasets.SplitInfo("validation", num_examples=500)})
+        return ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"streaming": False, "revision": "main"}), encoding="utf-8")
+    cfg = config(tmp_path, "hub", inputs=(), streaming=True, hf_dataset="org/alpaca-like", hf_config="en",
+                 split="validation", hf_datasets_params=str(params), num_shards=2, shard_index=1)
+    _, total = open_stream(cfg)
+    assert total == 250  # the split's size, this shard's half: the progress bar's total
+    r = build(cfg, progress=False)
+    assert calls[-1] == ("org/alpaca-like", "en", {"split": "validation", "streaming": True, "revision": "main"})
+    assert r.counters.records == 250 and r.manifest["config"]["hf_dataset"] == "org/alpaca-like"
+    assert verify(r.prefix).ok
+    with pytest.raises(InputError, match=r"--hf-dataset missing/dataset: FileNotFoundError: .*doesn't exist"):
+        build(config(tmp_path, "m", inputs=(), streaming=True, hf_dataset="missing/dataset"), progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,16 +35,24 @@ def main() -> None:
     ap.add_argument("corpora", nargs="+", type=Path)
     ap.add_argument("--modes", default="streaming,global")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median peak counts (peaks vary "
+                    "by 10-20 MiB from run to run)")
     args = ap.parse_args()
-    print(f"{'corpus':<36} {'mode':<10} {'tokens':>12} {'wall s':>7} {'peak RSS MiB':>12} {'vs first':>8}")
+    print(f"{'corpus':<36} {'mode':<10} {'tokens':>12} {'wall s':>7} {'peak RSS MiB':>12} {'runs':>15} "
+          f"{'vs first':>8}")
     first: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             for corpus in args.corpora:
-                rss, wall, tokens = run(corpus, mode, args.workers, Path(tmp) / f"{mode}_{corpus.stem}")
+                runs = [run(corpus, mode, args.workers, Path(tmp) / f"{mode}_{corpus.stem}")
+                        for _ in range(args.repeat)]
+                rss = statistics.median(r[0] for r in runs)
+                wall = statistics.median(r[1] for r in runs)
+                tokens = runs[0][2]
+                spread = "/".join(f"{r[0]:.0f}" for r in runs)
                 base = first.setdefault(mode, rss)
-                print(f"{corpus.name:<36} {mode:<10} {tokens:>12,} {wall:>7.1f} {rss:>12.0f} {rss / base - 1:>+8.1%}",
-                      flush=True)
+                print(f"{corpus.name:<36} {mode:<10} {tokens:>12,} {wall:>7.1f} {rss:>12.0f} {spread:>15} "
+                      f"{rss / base - 1:>+8.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,17 @@ class RecordEncoder:
 
         c = Counters(records=len(records))
         rejects: list[dict] = []
-        segments, kept = [], []
+
+        def reject(rec: RawRecord, data: Any, e: RecordError) -> None:
+            message = f"{rec.where()}: field {e.field!r}: {e.message}"
+            if self.config.on_error == "fail":
+                raise BuildError(message + " (or pass --on-error skip to skip and count such records)") from e
+            c.skipped += 1
+            raw = data.raw if isinstance(data, BadRecord) else data
+            rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
+                            "error": e.message, "data": raw})
+
+        segments, kept, kept_data = [], [], []
         for rec in records:
             data = rec.parsed()
             try:
@@ -197,15 +207,22 @@ class RecordEncoder:
                     raise RecordError("<record>", f"expected a JSON object, got {type(data).__name__}")
                 segments.append(self.handler(data))
                 kept.append(rec)
+                kept_data.append(data)
             except RecordError as e:
-                message = f"{rec.where()}: field {e.field!r}: {e.message}"
-                if self.config.on_error == "fail":
-                    raise BuildError(message + " (or pass --on-error skip to skip and count such records)") from e
-                c.skipped += 1
-                raw = data.raw if isinstance(data, BadRecord) else data
-                rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
-                                "error": e.message, "data": raw})
-        ids, mask, lengths = self.encoder.encode_flat(segments)
+                reject(rec, data, e)
+        try:
+            ids, mask, lengths = self.encoder.encode_flat(segments)
+        except Exception:  # tokenizers refuses the whole batch for one text it cannot take; find which
+            bad = [j for j, segs in enumerate(segments) if not all(_utf8_encodable(s.text) for s in segs)]
+            if not bad:
+                raise
+            for j in bad:
+                reject(kept[j], kept_data[j], RecordError(
+                    "<text>", "a lone UTF-16 surrogate (e.g. a \\ud800 escape without its pair), which no "
+                    "tokenizer can encode; fix or remove the record"))
+            keep = sorted(set(range(len(segments))) - set(bad))
+            segments, kept = [segments[j] for j in keep], [kept[j] for j in keep]
+            ids, mask, lengths = self.encoder.encode_flat(segments)
         if lengths.size and lengths.max() > self.config.seq_length:  # rare: apply --overflow per sample
             out: list[Sample] = []
             ends = np.cumsum(lengths)
@@ -255,6 +272,14 @@ class RecordEncoder:
             chunks.append(Sample(s.ids[a : a + n], mask))
         c.unterminated += len(chunks) - 1  # the last chunk holds the EOD (a target, so never dropped)
         return chunks
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- worker pool: each process builds its own RecordEncoder in the initializer ----------------------
@@ -314,23 +339,20 @@ class _SampleSpill:
     @contextlib.contextmanager
     def maps(self) -> Iterator[_SpillMaps]:
         """Read-only maps of (ids, mask), for the gather; `drop()` gives their resident pages back."""
-        with contextlib.ExitStack() as stack:
-            arrays, maps = [], []
-            for path, dtype in ((self.ids_path, self.dtype), (self.mask_path, np.dtype(np.uint8))):
-                if path.stat().st_size == 0:
-                    arrays.append(np.zeros(0, dtype))
-                    continue
-                with open(path, "rb") as f:
-                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                stack.callback(m.close)  # runs after the arrays below are gone (closing a viewed map fails)
-                maps.append(m)
-                arrays.append(np.frombuffer(m, dtype=dtype))
-            view = _SpillMaps(arrays[0], arrays[1], maps)
-            try:
-                yield view
-            finally:
-                view.ids = view.mask = None
-                del arrays
+        maps: list[mmap.mmap] = []
+        view = _SpillMaps(np.zeros(0, self.dtype), np.zeros(0, np.uint8), maps)
+        try:
+            for name, path, dtype in (("ids", self.ids_path, self.dtype), ("mask", self.mask_path, np.uint8)):
+                if path.stat().st_size:
+                    with open(path, "rb") as f:
+                        maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                    setattr(view, name, np.frombuffer(maps[-1], dtype=dtype))
+            yield view
+        finally:
+            view.ids = view.mask = None  # the maps can close only once no array views them
+            for m in maps:
+                with contextlib.suppress(BufferError):  # a caller kept a view: the map closes with it instead
+                    m.close()
 
     def close(self) -> None:
         for f in (self._ids, self._mask):
@@ -440,7 +462,10 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
             for chunk in chunks:
                 counters.add(chunk.counters)
                 for r in chunk.rejects:
-                    rejects_f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    line = json.dumps(r, ensure_ascii=False)
+                    if not _utf8_encodable(line):  # a lone surrogate: keep it as its JSON escape
+                        line = json.dumps(r)
+                    rejects_f.write(line + "\n")
                 bar.update(chunk.counters.records)
                 rate = counters.tokens / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix_str(f"{counters.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
@@ -552,9 +577,12 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
     next_key = 0
 
     def gather(at: np.ndarray, n: np.ndarray) -> np.ndarray:
-        """Token positions of the samples starting at `at` with lengths `n`, concatenated."""
-        first = np.cumsum(n) - n
-        return np.repeat(at - first, n) + np.arange(int(n.sum()))
+        """Token positions of the samples starting at `at` with lengths `n`, concatenated (int32 where the
+        buffer allows: these transients are the largest arrays of the streaming build)."""
+        dtype = np.int32 if held < 2**31 else np.int64
+        where = np.repeat((at - (np.cumsum(n) - n)).astype(dtype), n)
+        where += np.arange(where.size, dtype=dtype)
+        return where
 
     def write(packs) -> None:
         nonlocal parts_ids, parts_mask, keys, starts, lens, held
@@ -572,11 +600,14 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
         bounds = np.concatenate([[0], np.cumsum(packs.sizes)])
         csum = np.concatenate([[0], np.cumsum(seq_lens)])
         stats.add(csum[bounds[1:]] - csum[bounds[:-1]], packs.sizes)
+        del where
         waiting = np.ones(keys.size, dtype=bool)
         waiting[at] = False
+        # The buffer is the waiting samples' tokens back to back, in key order: keep the rest, in place order.
+        keep = np.repeat(waiting, lens)
+        parts_ids, parts_mask = [ids[keep]], [mask[keep]]
+        del ids, mask, keep
         keys, lens = keys[waiting], lens[waiting]
-        where = gather(starts[waiting], lens)
-        parts_ids, parts_mask = [ids[where]], [mask[where]]
         starts = np.cumsum(lens) - lens
         held = int(lens.sum())
 

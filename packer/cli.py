@@ -58,6 +58,23 @@ def _parse_map_keys(ctx, param, value: str | None) -> dict[str, str]:
     return parsed
 
 
+def _return_freed_heap() -> None:
+    """Have glibc give freed heap memory back at once. By default it keeps up to twice the largest block freed
+    so far at the top of the heap (tens of MiB once `datasets` has read its 10 MiB chunks), and the reader's
+    peak resident size drifted up with the input (50k -> 200k records: 290 -> 325-330 MiB; with this, 260-272
+    -> 283-284 MiB, at the same speed). A process-wide setting, so the CLI makes it, not `packer.build`."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD (glibc); musl and others have no mallopt: nothing to do
+    except (OSError, AttributeError):
+        pass
+
+
 @main.command()
 @click.option("--handler", required=True, type=click.Choice(["alpaca", "belle", "moss", "text"]),
               help="Input format.")
@@ -147,6 +164,7 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
     if num_shards > 1:
         click.echo(f"building shard {shard_index} of {num_shards} ({shard_source})", err=True)
     try:
+        _return_freed_heap()
         result = run_build(config, progress=not quiet and sys.stderr.isatty())
     except (BuildError, InputError, TokenizerError) as e:
         raise click.ClickException(str(e)) from e

@@ -30,7 +30,8 @@ class RawRecord(NamedTuple):
         if not self.raw:
             return self.data
         try:
-            return json.loads(self.data)
+            # Strictly UTF-8: json.loads(bytes) would guess UTF-16/32 and let encoded surrogates through.
+            return json.loads(self.data.decode("utf-8") if isinstance(self.data, bytes) else self.data)
         except json.JSONDecodeError as e:
             return BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", _head(self.data))
         except UnicodeDecodeError as e:
@@ -48,28 +49,27 @@ def _head(line: str | bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LineBlock:
-    """Whole lines of a JSON Lines file, unparsed. The reader's work per block is a few byte scans, whatever
-    the number of records: splitting, parsing and sharding happen in `records()`, in the tokenizer workers.
-    Lines are split at b"\n" (a trailing \r is JSON whitespace); blank lines are not records."""
+    """Whole lines of a JSON Lines file, unparsed. The reader's work per block is a few vectorized byte scans,
+    whatever the number of records: splitting, parsing and sharding happen in `records()`, in the tokenizer
+    workers. Lines end at b"\\n" (a \\r before it is JSON whitespace), as `datasets` reads them; lines that
+    are empty or hold only whitespace are not records."""
 
     source: str
     data: bytes
     first_line: int  # 1-based line number of the block's first line
     first_record: int  # 1-based record number (within the file) of its first record
     first_index: int  # 0-based index of its first record in the whole input: shards take every K-th
-    num_records: int
+    num_records: int  # records in the block, over all shards
     num_shards: int = 1
     shard_index: int = 0
 
-    def __len__(self) -> int:
-        return self.num_records
-
     def records(self) -> list[RawRecord]:
+        """This shard's records of the block."""
         out = []
         number, index = self.first_record, self.first_index
         k, i = self.num_shards, self.shard_index
         for line_no, line in enumerate(self.data.split(b"\n"), start=self.first_line):
-            if not line.strip():
+            if _blank(line):
                 continue
             if k == 1 or index % k == i:
                 out.append(RawRecord(self.source, number, line_no, line, raw=True))
@@ -78,39 +78,71 @@ class LineBlock:
         return out
 
 
-_SPACE = np.frombuffer(b" \t\n\r\x0b\x0c", dtype=np.uint8)
+def _blank(line: bytes) -> bool:
+    """Empty or whitespace only, Unicode whitespace included (a line of NBSPs is blank, as str.strip() says)."""
+    rest = line.strip()
+    return not rest or ((rest[0] >= 0x80 or 0x1C <= rest[0] <= 0x1F)
+                        and not rest.decode("utf-8", errors="replace").strip())
 
 
-def _lines_and_blanks(data: bytes) -> tuple[int, int]:
-    """(lines, whitespace-only lines) of a chunk of whole lines. Vectorized: only lines that start with
-    whitespace are looked at one by one, and JSON Lines rarely have any."""
+_MAYBE_BLANK = np.zeros(256, dtype=bool)  # first bytes of lines that could be blank: whitespace, C1, non-ASCII
+_MAYBE_BLANK[[9, 10, 11, 12, 13, 32, 0x1C, 0x1D, 0x1E, 0x1F]] = True
+_MAYBE_BLANK[0x80:] = True
+
+
+def _line_table(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(end offset of each line, just past its \\n; is it a record) for a chunk of whole lines. Vectorized:
+    only lines whose first byte could start a blank line are looked at one by one, and JSON Lines have few."""
     if not data:
-        return 0, 0
+        return np.zeros(0, np.int64), np.zeros(0, bool)
     arr = np.frombuffer(data, dtype=np.uint8)
-    starts = np.flatnonzero(arr == 10) + 1
-    lines = starts.size + (data[-1:] != b"\n")
-    starts = np.concatenate([[0], starts[starts < arr.size]])
-    blanks = 0
-    for at in starts[np.isin(arr[starts], _SPACE)].tolist():
-        end = data.find(b"\n", at)
-        blanks += not data[at : end if end >= 0 else None].strip()
-    return int(lines), blanks
+    ends = np.flatnonzero(arr == 10) + 1
+    if data[-1:] != b"\n":
+        ends = np.append(ends, len(data))
+    starts = np.concatenate([[0], ends[:-1]])
+    is_record = np.ones(ends.size, dtype=bool)
+    for j in np.flatnonzero(_MAYBE_BLANK[arr[np.minimum(starts, arr.size - 1)]]).tolist():
+        is_record[j] = not _blank(data[starts[j] : ends[j]])
+    return ends, is_record
+
+
+def _read_whole_lines(f, size: int) -> bytes:
+    data = f.read(size)
+    if data and not data.endswith(b"\n"):
+        data += f.readline()
+    return data
 
 
 def read_line_blocks(path: Path, first_index: int = 0, num_shards: int = 1, shard_index: int = 0,
-                     block_bytes: int = 1 << 18) -> Iterator[LineBlock]:
-    """A JSON Lines file as LineBlocks of about `block_bytes` (whole lines, so records are never cut)."""
+                     records_per_block: int = 512, read_bytes: int = 1 << 18) -> Iterator[LineBlock]:
+    """A JSON Lines file as LineBlocks of `records_per_block` records each (the last may hold fewer)."""
     line, number, index = 1, 1, first_index
+    buf = b""
+    ends, is_record = np.zeros(0, np.int64), np.zeros(0, bool)  # of the lines in buf
+    eof = False
     with open(path, "rb") as f:
-        while data := f.read(block_bytes):
-            if not data.endswith(b"\n"):
-                data += f.readline()
-            if line == 1 and data.startswith(codecs.BOM_UTF8):
-                data = data[len(codecs.BOM_UTF8):]  # json.loads would take the BOM for the first record
-            lines, blanks = _lines_and_blanks(data)
-            n = lines - blanks
-            yield LineBlock(str(path), data, line, number, index, n, num_shards, shard_index)
-            line, number, index = line + lines, number + n, index + n
+        while True:
+            if int(is_record.sum()) < records_per_block and not eof:
+                data = _read_whole_lines(f, read_bytes)
+                if line == 1 and not buf and data.startswith(codecs.BOM_UTF8):
+                    data = data[len(codecs.BOM_UTF8):]  # json.loads would take the BOM for part of the record
+                if not data:
+                    eof = True
+                    continue
+                more_ends, more_records = _line_table(data)
+                ends = np.concatenate([ends, more_ends + len(buf)])
+                is_record = np.concatenate([is_record, more_records])
+                buf += data
+                continue
+            if not ends.size:
+                return
+            seen = np.cumsum(is_record)
+            # The line holding the block's last record; at the end of the file, every line left.
+            last = int(np.searchsorted(seen, records_per_block)) if seen[-1] >= records_per_block else ends.size - 1
+            cut, n = int(ends[last]), int(seen[last])
+            yield LineBlock(str(path), buf[:cut], line, number, index, n, num_shards, shard_index)
+            line, number, index = line + last + 1, number + n, index + n
+            buf, ends, is_record = buf[cut:], ends[last + 1 :] - cut, is_record[last + 1 :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +188,13 @@ def count_records(path: Path) -> int | None:
 
         return pq.ParquetFile(path).metadata.num_rows
     if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(path):
-        count = 0
+        count, first = 0, True
         with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                if not block.endswith(b"\n"):
-                    block += f.readline()
-                lines, blanks = _lines_and_blanks(block)
-                count += lines - blanks
+            while block := _read_whole_lines(f, 1 << 24):
+                if first and block.startswith(codecs.BOM_UTF8):
+                    block = block[len(codecs.BOM_UTF8):]
+                first = False
+                count += int(_line_table(block)[1].sum())
         return count
     return None
 
@@ -209,7 +241,7 @@ def read_batches(paths: Sequence[Path], batch_size: int, num_shards: int = 1,
     index = 0
     for path in paths:
         if path.suffix.lower() == ".jsonl" or (path.suffix.lower() == ".json" and _looks_like_jsonl(path)):
-            for block in read_line_blocks(path, index, num_shards, shard_index):
+            for block in read_line_blocks(path, index, num_shards, shard_index, records_per_block=batch_size):
                 index += block.num_records
                 yield block
             continue

@@ -17,6 +17,7 @@ otherwise offsets are used as above).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,6 +86,10 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tup
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise TokenizerError(f"{file}: not a Hugging Face tokenizers file ({e})") from e
+    # Padding or truncation saved in tokenizer.json would pad samples to their batch's longest (as targets) or
+    # cut them silently; lengths and --overflow are ours to decide.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     config: dict = {}
     if config_file.exists():
         try:
@@ -165,7 +170,8 @@ WORD_CACHE = 1 << 17
 def _enlarge_word_cache(tokenizer: Tokenizer) -> None:
     resize = getattr(tokenizer.model, "_resize_cache", None)  # tokenizers >= 0.21; a pure memo, ids unchanged
     if resize is not None:
-        resize(WORD_CACHE)
+        with contextlib.suppress(Exception):  # a private method: if it ever changes, only speed is lost
+            resize(WORD_CACHE)
 
 
 class SampleEncoder:

@@ -449,3 +449,35 @@ def test_llama2_bos_once_with_bos_text_and_train_on_prompt(tmp_path, llama2_toke
             n += 1
     assert n == len(records)
     assert_verifies(res.prefix)
+
+
+def test_lone_surrogate_is_a_record_error(tmp_path, gpt2_tokenizer):
+    """A JSON escape of half a surrogate pair parses, but no tokenizer takes it: name the record, or skip it."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "ok one"}\n{"text": "bad \\ud800 half"}\n{"text": "ok two"}\n', encoding="utf-8")
+    cfg = dict(handler="text", inputs=(str(p),), tokenizer=str(gpt2_tokenizer), seq_length=64)
+    with pytest.raises(BuildError, match=r"s\.jsonl: record 2 \(line 2\): .*surrogate"):
+        build(BuildConfig(**cfg, output_prefix=str(tmp_path / "f")), progress=False)
+    r = build(BuildConfig(**cfg, output_prefix=str(tmp_path / "k"), on_error="skip"), progress=False)
+    assert (r.counters.samples, r.counters.skipped) == (2, 1)
+    (reject,) = [json.loads(line) for line in (tmp_path / "k.rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert reject["record"] == 2 and reject["data"] == {"text": "bad \ud800 half"}
+
+
+def test_padding_saved_in_tokenizer_json_is_ignored(tmp_path, gpt2_tokenizer, helpers):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(gpt2_tokenizer))
+    tok.enable_padding(pad_id=50256, pad_token="<|endoftext|>")
+    tok.enable_truncation(8)
+    tok.save(str(tmp_path / "padded.json"))
+    records = helpers.read_records(ALPACA)[:200]
+    for handler in ("alpaca", "text"):
+        kw = dict(seq_length=2048, on_error="skip", handler=handler)
+        if handler == "text":
+            kw["json_keys"] = ("output",)
+        a = small_build(tmp_path, gpt2_tokenizer, records, name=f"a{handler}", **kw)
+        b = small_build(tmp_path, str(tmp_path / "padded.json"), records, name=f"b{handler}", **kw)
+        for fa, fb in zip(output_files(a.prefix), output_files(b.prefix), strict=True):
+            if fa.suffix != ".json":
+                assert fa.read_bytes() == fb.read_bytes(), fa.name

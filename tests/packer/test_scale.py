@@ -300,3 +300,14 @@ def test_hub_dataset_call_and_errors(tmp_path: Path, jsonl_demo: str, monkeypatc
     assert verify(r.prefix).ok
     with pytest.raises(InputError, match=r"--hf-dataset missing/dataset: FileNotFoundError: .*doesn't exist"):
         build(config(tmp_path, "m", inputs=(), streaming=True, hf_dataset="missing/dataset"), progress=False)
+
+
+def test_streaming_json_whose_columns_change_after_the_first_mebibyte(tmp_path: Path) -> None:
+    """datasets takes the schema from its first chunk (10 MiB by default); a smaller chunk breaks valid files."""
+    path = tmp_path / "grow.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(30_000):
+            f.write(json.dumps({"text": f"line {i} " * 6} | ({"meta": "m"} if i >= 15_000 else {})) + "\n")
+    assert path.stat().st_size > 2 << 20
+    r = build(config(tmp_path, "grow", handler="text", inputs=(str(path),), streaming=True), progress=False)
+    assert r.counters.records == 30_000 and r.counters.skipped == 0

@@ -116,26 +116,38 @@ def test_json_lines_named_json_with_a_bad_first_line(tmp_path):
 # -- JSON Lines in blocks: the build's reader hands unparsed lines to the workers ------------------------
 
 TRICKY = (b'\xef\xbb\xbf{"x": 1}\r\n\r\n  \t \n{"x": 2}\n\n{bad\n{"x": "\xff\xfe"}\n \x0c\n'
-          b'  {"x": 3}  \n{"x": 4}')  # BOM, CRLF, blank and whitespace lines, bad JSON, bad UTF-8, no final \n
+          b'  {"x": 3}  \n\xc2\xa0\n\xe3\x80\x80 \n\x1e\n{"x": "\xed\xa0\x80"}\n{"x": 4}')
+# BOM, CRLF, blank lines (ASCII, NBSP, ideographic space, \x1e), bad JSON, bad UTF-8, an encoded surrogate
+# (CESU-8, not UTF-8), no final newline
 
 
 def _flat(blocks):
     return [r for b in blocks for r in (b.records() if isinstance(b, LineBlock) else b)]
 
 
-@pytest.mark.parametrize("block_bytes", [1, 7, 16, 1 << 18])
-def test_line_blocks_number_like_line_by_line(tmp_path, block_bytes):
+@pytest.mark.parametrize("per_block", [1, 2, 3, 512])
+@pytest.mark.parametrize("read_bytes", [1, 7, 16, 1 << 18])
+def test_line_blocks_number_like_line_by_line(tmp_path, read_bytes, per_block):
     p = tmp_path / "t.jsonl"
     p.write_bytes(TRICKY)
-    blocks = list(read_line_blocks(p, block_bytes=block_bytes))
+    blocks = list(read_line_blocks(p, records_per_block=per_block, read_bytes=read_bytes))
+    assert all(b.num_records == per_block for b in blocks[:-1]) and 1 <= blocks[-1].num_records <= per_block
     recs = _flat(blocks)
-    assert sum(b.num_records for b in blocks) == len(recs) == count_records(p) == 6
-    assert [(r.number, r.line) for r in recs] == [(1, 1), (2, 4), (3, 6), (4, 7), (5, 9), (6, 10)]
+    assert sum(b.num_records for b in blocks) == len(recs) == count_records(p) == 7
+    assert [(r.number, r.line) for r in recs] == [(1, 1), (2, 4), (3, 6), (4, 7), (5, 9), (6, 13), (7, 14)]
     parsed = [r.parsed() for r in recs]
-    assert parsed[0] == {"x": 1} and parsed[1] == {"x": 2} and parsed[4] == {"x": 3} and parsed[5] == {"x": 4}
+    assert parsed[0] == {"x": 1} and parsed[1] == {"x": 2} and parsed[4] == {"x": 3} and parsed[6] == {"x": 4}
     assert "invalid JSON" in parsed[2].message and parsed[2].raw == "{bad"
-    assert "not UTF-8" in parsed[3].message and "re-encode" in parsed[3].message
-    json.dumps(parsed[3].raw)  # the rejects file can hold it
+    for bad in (parsed[3], parsed[5]):
+        assert "not UTF-8" in bad.message and "re-encode" in bad.message
+        json.dumps(bad.raw)  # the rejects file can hold it
+
+
+def test_utf16_file_is_not_utf8(tmp_path):
+    p = tmp_path / "u16.jsonl"
+    p.write_bytes('{"x": 1}\n{"x": 2}\n'.encode("utf-16"))
+    parsed = [r.parsed() for r in read_records([p])]
+    assert parsed and all(isinstance(x, BadRecord) for x in parsed)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])

@@ -212,6 +212,8 @@ class RecordEncoder:
                 reject(rec, data, e)
         try:
             ids, mask, lengths = self.encoder.encode_flat(segments)
+        except MemoryError:
+            raise
         except Exception:  # tokenizers refuses the whole batch for one text it cannot take; find which
             bad = [j for j, segs in enumerate(segments) if not all(_utf8_encodable(s.text) for s in segs)]
             if not bad:
@@ -220,6 +222,7 @@ class RecordEncoder:
                 reject(kept[j], kept_data[j], RecordError(
                     "<text>", "a lone UTF-16 surrogate (e.g. a \\ud800 escape without its pair), which no "
                     "tokenizer can encode; fix or remove the record"))
+            rejects.sort(key=lambda r: r["record"])  # the file lists a batch's rejects in record order
             keep = sorted(set(range(len(segments))) - set(bad))
             segments, kept = [segments[j] for j in keep], [kept[j] for j in keep]
             ids, mask, lengths = self.encoder.encode_flat(segments)

@@ -114,35 +114,63 @@ def _read_whole_lines(f, size: int) -> bytes:
 
 
 def read_line_blocks(path: Path, first_index: int = 0, num_shards: int = 1, shard_index: int = 0,
-                     records_per_block: int = 512, read_bytes: int = 1 << 18) -> Iterator[LineBlock]:
-    """A JSON Lines file as LineBlocks of `records_per_block` records each (the last may hold fewer)."""
-    line, number, index = 1, 1, first_index
-    buf = b""
-    ends, is_record = np.zeros(0, np.int64), np.zeros(0, bool)  # of the lines in buf
-    eof = False
+                     records_per_block: int = 512, read_bytes: int = 1 << 18,
+                     max_block_bytes: int = 16 << 20) -> Iterator[LineBlock]:
+    """A JSON Lines file as LineBlocks of `records_per_block` records, or fewer where that many would pass
+    `max_block_bytes` (a block always holds at least one record) and at the end of the file. Linear: each byte
+    is copied a bounded number of times, whatever the record sizes."""
+    line, number, index = 1, 1, first_index  # of the first line not yet in a block
+    pieces: list[bytes] = []  # whole lines read and not yet in a block, with their line tables
+    tables: list[tuple[np.ndarray, np.ndarray]] = []
+    held = have = 0  # their bytes and records
+    eof, first = False, True
     with open(path, "rb") as f:
         while True:
-            if int(is_record.sum()) < records_per_block and not eof:
+            while have < records_per_block and held < max_block_bytes and not eof:
                 data = _read_whole_lines(f, read_bytes)
-                if line == 1 and not buf and data.startswith(codecs.BOM_UTF8):
+                if first and data.startswith(codecs.BOM_UTF8):
                     data = data[len(codecs.BOM_UTF8):]  # json.loads would take the BOM for part of the record
+                first = False
                 if not data:
                     eof = True
-                    continue
-                more_ends, more_records = _line_table(data)
-                ends = np.concatenate([ends, more_ends + len(buf)])
-                is_record = np.concatenate([is_record, more_records])
-                buf += data
-                continue
-            if not ends.size:
+                    break
+                line_ends, is_record = _line_table(data)
+                pieces.append(data)
+                tables.append((line_ends + held, is_record))
+                held += len(data)
+                have += int(is_record.sum())
+            if not pieces:
                 return
-            seen = np.cumsum(is_record)
-            # The line holding the block's last record; at the end of the file, every line left.
-            last = int(np.searchsorted(seen, records_per_block)) if seen[-1] >= records_per_block else ends.size - 1
-            cut, n = int(ends[last]), int(seen[last])
-            yield LineBlock(str(path), buf[:cut], line, number, index, n, num_shards, shard_index)
-            line, number, index = line + last + 1, number + n, index + n
-            buf, ends, is_record = buf[cut:], ends[last + 1 :] - cut, is_record[last + 1 :]
+            buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # once per refill
+            ends = np.concatenate([t[0] for t in tables])
+            is_record = np.concatenate([t[1] for t in tables])
+            seen = np.cumsum(is_record)  # records up to and including each line
+            done = -1  # the last line already in a block
+            while done + 1 < ends.size:
+                start, before = (int(ends[done]), int(seen[done])) if done >= 0 else (0, 0)
+                want = before + records_per_block
+                last = int(np.searchsorted(seen, want)) if seen[-1] >= want else None
+                if int(ends[-1]) - start >= max_block_bytes:  # the byte cap decides unless records come first
+                    capped = max(int(np.searchsorted(ends, start + max_block_bytes, side="right")) - 1, done + 1)
+                    if seen[-1] > before:  # at least one record, even a huge one
+                        capped = max(capped, int(np.searchsorted(seen, before + 1)))
+                    last = capped if last is None else min(last, capped)
+                if last is None or last <= done:
+                    if not eof:
+                        break  # read more first
+                    last = ends.size - 1
+                n = int(seen[last]) - before
+                if n:  # blank lines alone make no block; the numbering below still counts them
+                    yield LineBlock(str(path), buf[start : int(ends[last])], line, number, index, n,
+                                    num_shards, shard_index)
+                line, number, index = line + last - done, number + n, index + n
+                done = last
+            cut = int(ends[done]) if done >= 0 else 0
+            rest = buf[cut:]
+            pieces, tables = ([rest], [(ends[done + 1 :] - cut, is_record[done + 1 :])]) if rest else ([], [])
+            held, have = len(rest), int(seen[-1]) - (int(seen[done]) if done >= 0 else 0)
+            if eof and not rest:
+                return
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +269,9 @@ def read_batches(paths: Sequence[Path], batch_size: int, num_shards: int = 1,
     index = 0
     for path in paths:
         if path.suffix.lower() == ".jsonl" or (path.suffix.lower() == ".json" and _looks_like_jsonl(path)):
-            for block in read_line_blocks(path, index, num_shards, shard_index, records_per_block=batch_size):
+            # Each block then holds batch_size records of this shard, on average.
+            for block in read_line_blocks(path, index, num_shards, shard_index,
+                                          records_per_block=batch_size * num_shards):
                 index += block.num_records
                 yield block
             continue
@@ -259,8 +289,10 @@ def read_batches(paths: Sequence[Path], batch_size: int, num_shards: int = 1,
 
 def _read_json_array(path: Path) -> Iterator[RawRecord]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from e
     except json.JSONDecodeError as e:
         with open(path, "rb") as f:
             if f.read(4096).lstrip().startswith(b"{"):

@@ -162,3 +162,37 @@ def test_read_batches_shards_over_files(tmp_path, helpers, shards):
         assert [r.parsed()["i"] for r in part] == everything[k::shards]
         got += part
     assert sorted(r.parsed()["i"] for r in got) == everything
+
+
+def test_json_array_bom_and_encoding(tmp_path):
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf[{"x": 1}]')
+    assert [r.parsed() for r in read_records([tmp_path / "bom.json"])] == [{"x": 1}]
+    (tmp_path / "latin1.json").write_bytes(b'[{"x": "caf\xe9"}]')
+    with pytest.raises(InputError, match=r"latin1\.json: not UTF-8 .*re-encode"):
+        list(read_records([tmp_path / "latin1.json"]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_line_blocks_against_a_line_by_line_reference(tmp_path, seed):
+    """Random files, block sizes, read sizes, byte caps and shards: the same records as splitting at \\n."""
+    import random
+
+    from packer.sources import _blank
+
+    rng = random.Random(seed)
+    kinds = [b'{"a": 1}', b'{"t": "' + b"x" * 50 + b'"}', b"", b"  ", b"\xc2\xa0", b"\x1e", b"{bad", b"\r"]
+    for _ in range(150):
+        data = b"\n".join(rng.choice(kinds) * rng.choice([1, 3]) for _ in range(rng.randint(0, 40)))
+        data = (b"\xef\xbb\xbf" if rng.random() < 0.2 else b"") + data + (b"\n" if rng.random() < 0.5 else b"")
+        path = tmp_path / "f.jsonl"
+        path.write_bytes(data)
+        body = data.removeprefix(b"\xef\xbb\xbf")
+        lines = [(i, line) for i, line in enumerate(body.split(b"\n"), start=1) if not _blank(line)]
+        k, per, cap = rng.randint(1, 3), rng.randint(1, 9), rng.choice([1, 30, 200, 1 << 24])
+        i, first = rng.randrange(k), rng.randint(0, 4)
+        blocks = list(read_line_blocks(path, first, k, i, records_per_block=per, read_bytes=rng.choice([1, 5, 64]),
+                                       max_block_bytes=cap))
+        got = [(r.number, r.line, r.data) for b in blocks for r in b.records()]
+        assert got == [(j + 1, n, line) for j, (n, line) in enumerate(lines) if (first + j) % k == i]
+        assert sum(b.num_records for b in blocks) == len(lines) == count_records(path)
+        assert all(1 <= b.num_records <= per and (b.num_records == 1 or len(b.data) <= cap) for b in blocks)

@@ -410,9 +410,13 @@ class PackStats:
     max_tokens: int = 0
     max_samples: int = 0
 
-    def add(self, pack_tokens: np.ndarray, samples_per_pack: np.ndarray) -> None:
-        if pack_tokens.size == 0:
+    def add(self, seq_lens: np.ndarray, samples_per_pack: np.ndarray) -> None:
+        """Packs just written: the lengths of their samples, in order, and how many samples each pack holds."""
+        if samples_per_pack.size == 0:
             return
+        csum = np.concatenate([[0], np.cumsum(seq_lens)])
+        bounds = np.concatenate([[0], np.cumsum(samples_per_pack)])
+        pack_tokens = csum[bounds[1:]] - csum[bounds[:-1]]
         lo, hi = int(pack_tokens.min()), int(pack_tokens.max())
         self.min_tokens = lo if self.packs == 0 else min(self.min_tokens, lo)
         self.max_tokens = max(self.max_tokens, hi)
@@ -524,6 +528,15 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
                        manifest["packing"]["efficiency"], seconds, manifest)
 
 
+def _token_positions(starts: np.ndarray, lengths: np.ndarray, extent: int) -> np.ndarray:
+    """Positions of the tokens of samples at `starts` with `lengths`, concatenated: start_j + 0..len_j-1.
+    int32 when every position is below 2**31 (`extent`): these are the writers' largest transient arrays."""
+    dtype = np.int32 if extent < 2**31 else np.int64
+    where = np.repeat((starts - (np.cumsum(lengths) - lengths)).astype(dtype), lengths)
+    where += np.arange(where.size, dtype=dtype)
+    return where
+
+
 def _write_global(plan: PackPlan, lengths: np.ndarray, spill: _SampleSpill, tok_w: IndexedDatasetWriter,
                   mask_w: IndexedDatasetWriter, stats: PackStats, progress: bool, chunk_tokens: int = 1 << 18,
                   chunk_samples: int = 256) -> None:
@@ -544,18 +557,14 @@ def _write_global(plan: PackPlan, lengths: np.ndarray, spill: _SampleSpill, tok_
         for p0, p1 in zip(groups[:-1], groups[1:], strict=False):
             members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
             seq_lens = lengths[members]
-            # Token positions of every member, concatenated: start_j + 0..len_j-1.
-            first = np.cumsum(seq_lens) - seq_lens
-            gather = np.repeat(starts[members] - first, seq_lens) + np.arange(int(seq_lens.sum()))
+            gather = _token_positions(starts[members], seq_lens, int(starts[-1] + lengths[-1]))
             per_pack = np.diff(plan.offsets[p0 : p1 + 1])
             tok_w.add_sequences(spilled.ids[gather], seq_lens)
             tok_w.end_documents(per_pack)
             mask_w.add_sequences(spilled.mask[gather], seq_lens)
             mask_w.end_documents(per_pack)
             spilled.drop()
-            csum = np.concatenate([[0], np.cumsum(seq_lens)])
-            bounds = np.concatenate([[0], np.cumsum(per_pack)])
-            stats.add(csum[bounds[1:]] - csum[bounds[:-1]], per_pack)
+            stats.add(seq_lens, per_pack)
             bar.update(p1 - p0)
 
 
@@ -579,14 +588,6 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
     held = 0  # tokens in the parts
     next_key = 0
 
-    def gather(at: np.ndarray, n: np.ndarray) -> np.ndarray:
-        """Token positions of the samples starting at `at` with lengths `n`, concatenated (int32 where the
-        buffer allows: these transients are the largest arrays of the streaming build)."""
-        dtype = np.int32 if held < 2**31 else np.int64
-        where = np.repeat((at - (np.cumsum(n) - n)).astype(dtype), n)
-        where += np.arange(where.size, dtype=dtype)
-        return where
-
     def write(packs) -> None:
         nonlocal parts_ids, parts_mask, keys, starts, lens, held
         if not len(packs):
@@ -595,14 +596,12 @@ def _write_streaming(config: BuildConfig, chunks: Iterable[Chunk], tok_w: Indexe
         mask = parts_mask[0] if len(parts_mask) == 1 else np.concatenate(parts_mask)
         at = np.searchsorted(keys, packs.members)  # keys are ascending
         seq_lens = lens[at]
-        where = gather(starts[at], seq_lens)
+        where = _token_positions(starts[at], seq_lens, held)
         tok_w.add_sequences(ids[where], seq_lens)
         mask_w.add_sequences(mask[where], seq_lens)
         tok_w.end_documents(packs.sizes)
         mask_w.end_documents(packs.sizes)
-        bounds = np.concatenate([[0], np.cumsum(packs.sizes)])
-        csum = np.concatenate([[0], np.cumsum(seq_lens)])
-        stats.add(csum[bounds[1:]] - csum[bounds[:-1]], packs.sizes)
+        stats.add(seq_lens, packs.sizes)
         del where
         waiting = np.ones(keys.size, dtype=bool)
         waiting[at] = False

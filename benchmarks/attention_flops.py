@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.attention import VarlenMeta, attention, attention_flops
+from packer.trainer.attention import VarlenMeta, attention, attention_flops
 
 DEFAULT_LENGTHS = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lengths" / "alpaca_gpt2_1M.npy"

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from packer.dataset import PackedDataset
-from trainer.attention import attention_flops
-from trainer.batching import PackOrder, collate
-from trainer.model import load_model_config
-from trainer.train import TrainConfig, attention_backend, train
+from packer.trainer.attention import attention_flops
+from packer.trainer.batching import PackOrder, collate
+from packer.trainer.model import load_model_config
+from packer.trainer.train import TrainConfig, attention_backend, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -1,6 +1,6 @@
 """Handlers: one per input format, each mapping a raw record to the prompt/target segments of one sample.
 
-    from handlers import HandlerOptions, get_handler
+    from packer.handlers import HandlerOptions, get_handler
     handle = get_handler("alpaca", HandlerOptions(template="chatml", map_keys={"output": "response"}))
     segments = handle({"instruction": "Hi", "response": "Hello!"})
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from packer.records import Segment
 
-from .base import EMPTY_RESPONSE, Columns, HandlerOptions, RecordError, check_options
+from .base import EMPTY_RESPONSE, Columns, HandlerOptions, ReadsFields, RecordError, check_options
 from .templates import CHAT_TEMPLATES, ChatTemplate
 
 FIELDS: tuple[str, ...] = ("instruction", "input", "output", "system", "history")
@@ -32,7 +32,8 @@ DEFAULT_TEMPLATE = "alpaca"
 
 
 @dataclass(frozen=True)
-class AlpacaHandler:
+class AlpacaHandler(ReadsFields):
+    fields: ClassVar[tuple[str, ...]] = FIELDS
     template: ChatTemplate
     columns: Columns
     system: str | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from packer.records import Segment
 
@@ -49,6 +49,11 @@ class HandlerOptions:
 class Handler(Protocol):
     name: str
     default_overflow: str  # "truncate" (instruction data) or "split" (pretraining text)
+
+    @property
+    def input_columns(self) -> frozenset[str]:
+        """The input columns the handler reads (after --map-keys); a reader may leave every other one out."""
+        ...
 
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]: ...
 
@@ -93,6 +98,17 @@ def check_options(
         raise ValueError(f"json keys only apply to the 'text' handler, not {name!r}; use --map-keys instead")
 
 
+class ReadsFields:
+    """Mixin for handlers that read the record fields `fields` through `columns` (their --map-keys)."""
+
+    fields: ClassVar[tuple[str, ...]]
+    columns: Columns
+
+    @property
+    def input_columns(self) -> frozenset[str]:
+        return self.columns.of(self.fields)
+
+
 @dataclass(frozen=True)
 class Columns:
     """Reads handler fields from a record through `--map-keys`, raising `RecordError`s that name the fix.
@@ -104,6 +120,10 @@ class Columns:
 
     def column(self, name: str) -> str:
         return self.map_keys.get(name, name)
+
+    def of(self, names: Sequence[str]) -> frozenset[str]:
+        """The input columns of handler fields `names`."""
+        return frozenset(map(self.column, names))
 
     def fix(self, name: str) -> str:
         column = self.column(name)

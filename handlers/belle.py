@@ -27,11 +27,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from packer.records import Segment
 
-from .base import EMPTY_RESPONSE, Columns, HandlerOptions, RecordError, SegmentBuilder, check_options
+from .base import (
+    EMPTY_RESPONSE,
+    Columns,
+    HandlerOptions,
+    ReadsFields,
+    RecordError,
+    SegmentBuilder,
+    check_options,
+)
 
 FIELDS: tuple[str, ...] = ("instruction", "input", "output")
 PROMPTS: dict[str, str] = {
@@ -45,7 +53,8 @@ _MARKER = re.compile(r"^[ \t]*(Human|Assistant):", re.MULTILINE)
 
 
 @dataclass(frozen=True)
-class BelleHandler:
+class BelleHandler(ReadsFields):
+    fields: ClassVar[tuple[str, ...]] = FIELDS
     prompt: str
     columns: Columns
     last_turn_only: bool = False

@@ -26,11 +26,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from packer.records import Segment
 
-from .base import EMPTY_RESPONSE, Columns, HandlerOptions, RecordError, SegmentBuilder, check_options
+from .base import (
+    EMPTY_RESPONSE,
+    Columns,
+    HandlerOptions,
+    ReadsFields,
+    RecordError,
+    SegmentBuilder,
+    check_options,
+)
 
 FIELDS: tuple[str, ...] = ("meta_instruction", "num_turns", "chat")
 TEMPLATES: tuple[str, ...] = ()
@@ -47,7 +55,8 @@ _TURN = re.compile(r"turn_([1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
-class MossHandler:
+class MossHandler(ReadsFields):
+    fields: ClassVar[tuple[str, ...]] = FIELDS
     columns: Columns
     system: str | None = None
     last_turn_only: bool = False

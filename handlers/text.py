@@ -28,6 +28,10 @@ class TextHandler:
     name: str = "text"
     default_overflow: str = "split"
 
+    @property
+    def input_columns(self) -> frozenset[str]:
+        return self.columns.of(self.keys)
+
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
         if len(self.keys) == 1:  # fast path for the common case; anything unusual takes the checked path
             value = record.get(self.columns.column(self.keys[0])) if isinstance(record, Mapping) else None

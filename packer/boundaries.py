@@ -37,3 +37,36 @@ def cu_seqlens(doc_lens: Sequence[int] | np.ndarray) -> np.ndarray:
     if ends[-1] > np.iinfo(np.int32).max:
         raise ValueError(f"{ends[-1]} tokens overflow int32 cu_seqlens")
     return ends.astype(np.int32)
+
+
+def pack_tokens(sequence_lengths: np.ndarray, document_indices: np.ndarray) -> np.ndarray:
+    """Tokens in each pack, where pack d holds sequences document_indices[d] .. document_indices[d+1]-1.
+
+    >>> pack_tokens([3, 2, 4], [0, 2, 3]).tolist()           # packs [3, 2] and [4]
+    [5, 4]
+    """
+    ends = cumulative_ends(sequence_lengths, leading_zero=True)
+    docs = np.asarray(document_indices, dtype=np.int64)
+    return ends[docs[1:]] - ends[docs[:-1]]
+
+
+def row_segments(doc_lens_per_row: Sequence[Sequence[int] | np.ndarray], row_len: int) -> list[int]:
+    """Attention segment lengths of rows of `row_len` tokens laid end to end: each row's documents, then its
+    padding tail (row_len - sum) as ONE more segment where the row is short.
+
+    >>> row_segments([[3, 5], [2, 2]], row_len=8)           # -> cumulative_ends: [3, 8, 10, 12, 16]
+    [3, 5, 2, 2, 4]
+    """
+    seg_lens: list[int] = []
+    for r, lens in enumerate(doc_lens_per_row):
+        lens = [int(n) for n in lens]
+        used = sum(lens)
+        if any(n < 0 for n in lens) or used > row_len:
+            raise ValueError(
+                f"row {r} holds {used} tokens (doc_lens {lens}) but rows are {row_len} tokens; "
+                "pass --seq-length >= the packed seq_length of the data"
+            )
+        seg_lens.extend(lens)
+        if used < row_len:
+            seg_lens.append(row_len - used)
+    return seg_lens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -11,6 +12,12 @@ import click
 import numpy as np
 
 from packer import __version__
+from packer.config import ON_ERROR
+from packer.handlers import HANDLERS
+from packer.handlers.alpaca import TEMPLATES as ALPACA_TEMPLATES
+from packer.handlers.belle import TEMPLATES as BELLE_TEMPLATES
+from packer.overflow import POLICIES
+from packer.packing import ALGORITHMS
 
 OUT_DEFAULT = "out"
 
@@ -22,7 +29,7 @@ def _asset(name: str) -> str:
 class _LazyGroup(click.Group):
     """Loads `packer train` (which needs torch) only when it is asked for."""
 
-    lazy = {"train": ("trainer.cli", "train_command")}
+    lazy = {"train": ("packer.trainer.cli", "train_command")}
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -78,7 +85,7 @@ def _tune_malloc() -> None:
 
 
 @main.command()
-@click.option("--handler", required=True, type=click.Choice(["alpaca", "belle", "moss", "text"]),
+@click.option("--handler", required=True, type=click.Choice(HANDLERS),
               help="Input format.")
 @click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
               help="A .json (array), .jsonl or .parquet file; repeat for several. Default: the bundled demo data.")
@@ -90,16 +97,17 @@ def _tune_malloc() -> None:
 @click.option("--map-keys", callback=_parse_map_keys, help="JSON object renaming handler fields to your columns.")
 @click.option("--json-keys", default="text", show_default=True,
               help="text handler: comma-separated columns holding the text.")
-@click.option("--template", help="Prompt template (alpaca: alpaca, chatml, llama2, llama3, plain).")
+@click.option("--template", help=f"Prompt template (alpaca: {', '.join(ALPACA_TEMPLATES)}; "
+                                 f"belle: {', '.join(BELLE_TEMPLATES)}).")
 @click.option("--system", help="System prompt for records that carry none (templates that have one).")
 @click.option("--train-on-prompt", is_flag=True, help="Loss on every token, not only the responses.")
 @click.option("--last-turn-only", is_flag=True, help="Multi-turn data: loss on the final answer only.")
-@click.option("--overflow", type=click.Choice(["truncate", "split", "drop", "error"]),
+@click.option("--overflow", type=click.Choice(POLICIES),
               help="Samples longer than --seq-length. Default: truncate (instruction data), split (text).")
 @click.option("--pack", "pack_algorithm", default="bfd", show_default=True,
-              type=click.Choice(["bfd", "ffd", "nf", "none"]),
+              type=click.Choice(ALGORITHMS),
               help="bfd/ffd: best/first-fit-decreasing; nf: next-fit in data order; none: one sample per pack.")
-@click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+@click.option("--on-error", default="fail", show_default=True, type=click.Choice(ON_ERROR),
               help="Malformed records: fail, or skip, count and write them to PREFIX.rejects.jsonl.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer processes.")
 @click.option("--streaming", is_flag=True,
@@ -121,10 +129,9 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
           hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, quiet,
           json_summary) -> None:
     """Tokenize, pack and write PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json."""
-    from packer.build import BuildConfig, BuildError
     from packer.build import build as run_build
+    from packer.config import BuildConfig, BuildError, parse_window
     from packer.sources import InputError
-    from packer.streaming import parse_window
     from packer.tokenize import TokenizerError
 
     try:
@@ -165,6 +172,10 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
     )
     if num_shards > 1:
         click.echo(f"building shard {shard_index} of {num_shards} ({shard_source})", err=True)
+    # `datasets` imports torch when it can (1.5 s, for DataLoader support we never use); its documented switch
+    # is read once, at its import. A process-wide choice, so the CLI makes it; a user's own setting wins.
+    if "datasets" not in sys.modules:
+        os.environ.setdefault("USE_TORCH", "0")
     try:
         _tune_malloc()
         result = run_build(config, progress=not quiet and sys.stderr.isatty())
@@ -192,8 +203,6 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
 
 def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[int, int, str]:
     """Explicit options win; else SLURM job arrays, else torchrun's RANK/WORLD_SIZE; else one shard."""
-    import os
-
     if num_shards is not None or shard_index is not None:
         if num_shards is None or shard_index is None:
             raise click.UsageError("pass --num-shards and --shard-index together")
@@ -214,14 +223,16 @@ def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[in
 @main.command()
 @click.argument("out_prefix")
 @click.argument("in_prefixes", nargs=-1, required=True)
+@click.option("--allow-partial", is_flag=True, help="Merge shards of a sharded build even if some are missing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge(out_prefix: str, in_prefixes: tuple[str, ...], quiet: bool) -> None:
+def merge(out_prefix: str, in_prefixes: tuple[str, ...], allow_partial: bool, quiet: bool) -> None:
     """Merge builds (e.g. shards) into OUT_PREFIX by streaming copies; packs keep their boundaries."""
     from packer.merge import MergeError
     from packer.merge import merge as run_merge
 
     try:
-        m = run_merge(out_prefix, list(in_prefixes), progress=not quiet and sys.stderr.isatty())
+        m = run_merge(out_prefix, list(in_prefixes), progress=not quiet and sys.stderr.isatty(),
+                      allow_partial=allow_partial)
     except (MergeError, OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     c = m["counts"]
@@ -252,6 +263,7 @@ def verify(prefix: str, no_checksums: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(prefix: str, as_json: bool) -> None:
     """Counts, packing efficiency and length histograms of a build."""
+    from packer.boundaries import pack_tokens as tokens_per_pack
     from packer.dataset import PackedDataset
     from packer.verify import describe, histogram
 
@@ -261,8 +273,7 @@ def inspect(prefix: str, as_json: bool) -> None:
         raise click.ClickException(str(e)) from e
     lens = ds.tokens.sequence_lengths.astype(np.int64)
     docs = ds.tokens.document_indices
-    csum = np.concatenate([[0], np.cumsum(lens)])
-    pack_tokens = csum[docs[1:]] - csum[docs[:-1]]
+    pack_tokens = tokens_per_pack(lens, docs)
     m = ds.manifest
     stats = describe(m, lens, pack_tokens, np.diff(docs), m["counts"]["target_tokens"])
     if as_json:

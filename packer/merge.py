@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,13 +18,14 @@ from packer import __version__
 from packer.indexed import IndexedDataset, IndexedDatasetWriter
 from packer.manifest import (
     FORMAT,
-    file_entries,
+    LOSS_MASK_SUFFIX,
     loss_mask_prefix,
     manifest_path,
     read_manifest,
     sha256_file,
-    write_json_atomic,
 )
+from packer.output import OutputSet
+from packer.packing import PackStats
 
 _TOKENS_PER_COPY = 1 << 24
 
@@ -78,12 +78,11 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
                              f"(or shard counts differ: {sorted(counts_k)}); pass --allow-partial to merge anyway")
     dtype = np.dtype(first["token_dtype"])
     counts: dict[str, int] = {}
-    pack_tokens_min, pack_tokens_max, max_docs = None, 0, 0
-    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    stats = PackStats()
     total = sum(m["counts"]["tokens"] for m in manifests)
-    with (IndexedDatasetWriter(out_prefix, dtype) as tok_w,
-          IndexedDatasetWriter(loss_mask_prefix(out_prefix), np.uint8) as mask_w,
+    with (OutputSet(out_prefix) as out,
           tqdm(total=total, unit="tok", unit_scale=True, desc="merge", disable=not progress) as bar):
+        tok_w, mask_w = out.dataset("", dtype), out.dataset(LOSS_MASK_SUFFIX, np.uint8)
         for prefix, m in zip(in_prefixes, manifests, strict=True):
             tok, mask = IndexedDataset(prefix), IndexedDataset(loss_mask_prefix(prefix))
             if tok.dtype != dtype or len(tok) != len(mask):
@@ -91,28 +90,16 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
             _copy(tok, mask, tok_w, mask_w, bar)
             for k, v in m["counts"].items():
                 counts[k] = counts.get(k, 0) + int(v)
-            p = m["packing"]
-            pack_tokens_min = p["min_pack_tokens"] if pack_tokens_min is None else min(pack_tokens_min,
-                                                                                       p["min_pack_tokens"])
-            pack_tokens_max = max(pack_tokens_max, p["max_pack_tokens"])
-            max_docs = max(max_docs, p["max_docs_per_pack"])
-        tok_w.finalize()
-        mask_w.finalize()
-        manifest = _merged_manifest(out_prefix, in_prefixes, manifests, counts, pack_tokens_min, pack_tokens_max,
-                                    max_docs, tok_w.pending() | mask_w.pending())
-        manifest_path(out_prefix).unlink(missing_ok=True)  # an older build there stops looking complete
-        mask_w.commit()
-        tok_w.commit()
-        write_json_atomic(manifest_path(out_prefix), manifest)
-    return manifest
+            stats.merge(PackStats.of_manifest(m))
+        return out.commit(lambda files: _merged_manifest(out_prefix, in_prefixes, manifests, counts, stats, files))
 
 
 def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[dict], counts: dict[str, int],
-                     pack_tokens_min: int | None, pack_tokens_max: int, max_docs: int, files: dict) -> dict:
+                     stats: PackStats, files: dict) -> dict:
     first = manifests[0]
-    seq_length = first["config"]["seq_length"]
+    algorithm = "merge(" + ",".join(sorted({m["packing"]["algorithm"] for m in manifests})) + ")"
     config = {k: v for k, v in first["config"].items() if k not in ("num_shards", "shard_index")}
-    manifest = {
+    return {
         "format": FORMAT,
         "packer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -122,20 +109,10 @@ def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[di
         "tokenizer": first["tokenizer"],
         "token_dtype": first["token_dtype"],
         "counts": counts,
-        "packing": {
-            "algorithm": "merge(" + ",".join(sorted({m["packing"]["algorithm"] for m in manifests})) + ")",
-            "seq_length": seq_length,
-            "packs": counts["packs"],
-            "lower_bound": -(-counts["tokens"] // seq_length),
-            "efficiency": counts["tokens"] / (counts["packs"] * seq_length) if counts["packs"] else 0.0,
-            "max_pack_tokens": pack_tokens_max,
-            "min_pack_tokens": pack_tokens_min or 0,
-            "max_docs_per_pack": max_docs,
-        },
+        "packing": stats.manifest(algorithm, first["config"]["seq_length"]),
         "seconds": {},
-        "files": file_entries(files),
+        "files": files,
     }
-    return manifest
 
 
 def _copy(tok: IndexedDataset, mask: IndexedDataset, tok_w: IndexedDatasetWriter, mask_w: IndexedDatasetWriter,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from packer.boundaries import pack_tokens
+
 ALGORITHMS = ("bfd", "ffd", "nf", "none")
 
 
@@ -34,17 +36,68 @@ class PackPlan:
 
     def pack_lengths(self, lengths: np.ndarray) -> np.ndarray:
         """Tokens per pack."""
-        csum = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64)[self.order])])
-        return csum[self.offsets[1:]] - csum[self.offsets[:-1]]
+        return pack_tokens(np.asarray(lengths, dtype=np.int64)[self.order], self.offsets)
 
 
-def lower_bound(lengths: np.ndarray, capacity: int) -> int:
-    return int(-(-int(np.asarray(lengths, dtype=np.int64).sum()) // capacity))
+def _tokens(tokens: int | np.ndarray) -> int:
+    return int(tokens) if np.ndim(tokens) == 0 else int(np.asarray(tokens, dtype=np.int64).sum())
 
 
-def efficiency(lengths: np.ndarray, num_packs: int, capacity: int) -> float:
-    """Fraction of the packs' token slots that hold real tokens."""
-    return float(np.asarray(lengths, dtype=np.int64).sum()) / (num_packs * capacity) if num_packs else 0.0
+def lower_bound(tokens: int | np.ndarray, capacity: int) -> int:
+    """The fewest packs that can hold `tokens` (a total, or the sample lengths): ceil(tokens / capacity)."""
+    return -(-_tokens(tokens) // capacity)
+
+
+def efficiency(tokens: int | np.ndarray, num_packs: int, capacity: int) -> float:
+    """Fraction of the packs' token slots that hold real tokens (`tokens`: a total, or the sample lengths)."""
+    return _tokens(tokens) / (num_packs * capacity) if num_packs else 0.0
+
+
+@dataclass
+class PackStats:
+    """Running figures over written packs (the streaming path never holds all packs; merge adds builds')."""
+
+    packs: int = 0
+    tokens: int = 0
+    min_tokens: int = 0
+    max_tokens: int = 0
+    max_samples: int = 0
+
+    def add(self, seq_lens: np.ndarray, samples_per_pack: np.ndarray) -> None:
+        """Packs just written: the lengths of their samples, in order, and how many samples each pack holds."""
+        if samples_per_pack.size == 0:
+            return
+        per_pack = pack_tokens(seq_lens, np.concatenate([[0], np.cumsum(samples_per_pack)]))
+        self.merge(PackStats(int(per_pack.size), int(per_pack.sum()), int(per_pack.min()), int(per_pack.max()),
+                             int(samples_per_pack.max())))
+
+    def merge(self, other: PackStats) -> None:
+        if other.packs == 0:
+            return
+        self.min_tokens = other.min_tokens if self.packs == 0 else min(self.min_tokens, other.min_tokens)
+        self.max_tokens = max(self.max_tokens, other.max_tokens)
+        self.max_samples = max(self.max_samples, other.max_samples)
+        self.packs += other.packs
+        self.tokens += other.tokens
+
+    @staticmethod
+    def of_manifest(manifest: dict) -> PackStats:
+        p = manifest["packing"]
+        return PackStats(int(p["packs"]), int(manifest["counts"]["tokens"]), int(p["min_pack_tokens"]),
+                         int(p["max_pack_tokens"]), int(p["max_docs_per_pack"]))
+
+    def manifest(self, algorithm: str, seq_length: int) -> dict:
+        """The manifest's `packing` section."""
+        return {
+            "algorithm": algorithm,
+            "seq_length": seq_length,
+            "packs": self.packs,
+            "lower_bound": lower_bound(self.tokens, seq_length),
+            "efficiency": efficiency(self.tokens, self.packs, seq_length),
+            "max_pack_tokens": self.max_tokens,
+            "min_pack_tokens": self.min_tokens,
+            "max_docs_per_pack": self.max_samples,
+        }
 
 
 def pack(lengths: np.ndarray, capacity: int, algorithm: str = "bfd") -> PackPlan:

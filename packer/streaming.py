@@ -5,16 +5,13 @@ through `load_dataset(NAME, CONFIG, split=..., streaming=True, **params)`, with 
 `--hf-datasets-params FILE.json` as ModelLink does. The result is the same `RawRecord` stream the in-memory
 readers give, so handlers, workers, sharding and errors behave identically. `datasets` unifies the schema
 of a stream, filling keys a record lacks with None; those Nones are dropped again so that a handler sees
-each record as it was written.
+each record as it was written. `packer build` imports `datasets` with `USE_TORCH=0` (see packer.cli): it would
+otherwise import torch, only to support DataLoader workers we do not use.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
-import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -26,15 +23,6 @@ import numpy as np
 from packer.sources import InputError, RawRecord, _looks_like_jsonl, check_inputs, read_records
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def parse_window(text: str) -> tuple[int, bool]:
-    """'16384' or '16k' -> (16384, False) samples; '8M tokens', '8Mt', '8M-tokens' -> (8_000_000, True)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*[-_ ]?(t|tok|tokens|s|samples)?\s*", text)
-    if not m:
-        raise ValueError(f"--pack-window {text!r}: expected e.g. 16384, 16k (samples) or 8M-tokens")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale), (m.group(3) or "s").startswith("t")
 
 
 def _drop_nones(x: Any) -> Any:
@@ -56,22 +44,6 @@ def _load_params(path: str | None) -> dict[str, Any]:
         raise InputError(f"--hf-datasets-params {path}: expected a JSON object of load_dataset keyword arguments")
     params.pop("streaming", None)
     return params
-
-
-@contextlib.contextmanager
-def _torch_unseen():
-    """Hide torch from `datasets` while it builds IterableDatasets: it imports torch (1.5 s of the reader's CPU
-    here, where that CPU is what the tokenizer workers lack) only to put an epoch counter in shared memory for
-    torch DataLoader workers, and we use none. Nothing changes where the caller already imported torch."""
-    from datasets import config as ds_config
-
-    saved = ds_config.TORCH_AVAILABLE
-    if "torch" not in sys.modules:
-        ds_config.TORCH_AVAILABLE = False
-    try:
-        yield
-    finally:
-        ds_config.TORCH_AVAILABLE = saved
 
 
 @dataclass(frozen=True)
@@ -115,19 +87,9 @@ def _batch_from_ipc(source: str, numbers: np.ndarray, ipc: bytes, features: Any)
     return ArrowBatch(source, numbers, pa.ipc.open_stream(ipc).read_all(), features)
 
 
-def columns_read(config) -> set[str] | None:
-    """The input columns the handler reads (after --map-keys), so the others are never converted."""
-    if config.handler == "text":
-        fields: tuple[str, ...] = tuple(config.json_keys)
-    else:
-        fields = getattr(importlib.import_module(f"handlers.{config.handler}"), "FIELDS", None)
-        if fields is None:
-            return None
-    return {config.map_keys.get(f, f) for f in fields}
-
-
-def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
-    """(batches of this shard's records, total records of the shard if known) for a streaming BuildConfig."""
+def open_stream(config, columns: set[str] | frozenset[str] | None = None) -> tuple[Iterator[ArrowBatch], int | None]:
+    """(batches of this shard's records, total records of the shard if known) for a streaming BuildConfig;
+    only `columns` (the handler's `input_columns`) are converted from Arrow."""
     import datasets
 
     datasets.logging.set_verbosity_error()  # parse failures are reported by us, with the fix
@@ -135,9 +97,8 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
     if config.hf_dataset:
         source = config.hf_dataset + (f"/{config.hf_config}" if config.hf_config else "")
         try:
-            with _torch_unseen():
-                ds = datasets.load_dataset(config.hf_dataset, config.hf_config, split=config.split, streaming=True,
-                                           **params)
+            ds = datasets.load_dataset(config.hf_dataset, config.hf_config, split=config.split, streaming=True,
+                                       **params)
         except Exception as e:  # datasets raises many types for missing/unreachable datasets
             raise InputError(f"--hf-dataset {source}: {type(e).__name__}: {e}") from e
     else:
@@ -152,8 +113,7 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
         # One stream per file, opened when reached, so that records are numbered within their own file.
         def opener(f: str):
             def open_ds():
-                with _torch_unseen():
-                    return datasets.load_dataset(kind, data_files=[f], split="train", streaming=True, **params)
+                return datasets.load_dataset(kind, data_files=[f], split="train", streaming=True, **params)
             return open_ds
 
         streams = [(f, opener(f)) for f in files]
@@ -170,7 +130,7 @@ def open_stream(config) -> tuple[Iterator[ArrowBatch], int | None]:
             total = int(info_splits[config.split].num_examples)
     if total is not None and config.num_shards > 1:
         total = len(range(config.shard_index, total, config.num_shards))
-    return _stream_batches(streams, columns_read(config), config), total
+    return _stream_batches(streams, set(columns) if columns is not None else None, config), total
 
 
 class StreamParseError(InputError):
@@ -222,8 +182,7 @@ def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, n
     (then every column stays, so the error can list them)."""
     from datasets import Features
 
-    with _torch_unseen():
-        it = iter(ds.with_format("arrow").iter(batch_size=batch_size * num_shards))
+    it = iter(ds.with_format("arrow").iter(batch_size=batch_size * num_shards))
     features = ds.features
     start = 0
     while True:

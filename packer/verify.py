@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from packer.boundaries import pack_tokens as tokens_per_pack
 from packer.indexed import IndexedDataset
 from packer.manifest import loss_mask_prefix, manifest_path, output_files, read_manifest, sha256_file
+from packer.packing import efficiency, lower_bound
 
 _CHUNK_SEQS = 1 << 16
 
@@ -101,8 +103,7 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
     counts = manifest["counts"]
     lens = tok.sequence_lengths.astype(np.int64)
     docs = tok.document_indices
-    csum = np.concatenate([[0], np.cumsum(lens)])
-    pack_tokens = csum[docs[1:]] - csum[docs[:-1]]
+    pack_tokens = tokens_per_pack(lens, docs)
     if (np.diff(docs) == 0).any():
         rep.errors.append(f"{int((np.diff(docs) == 0).sum())} packs are empty")
     if pack_tokens.size and pack_tokens.max() > seq_length:
@@ -151,8 +152,8 @@ def describe(manifest: dict, lens: np.ndarray, pack_tokens: np.ndarray, docs_per
         "tokens": int(lens.sum()),
         "target_tokens": int(targets),
         "packs": int(pack_tokens.size),
-        "lower_bound": manifest["packing"]["lower_bound"],
-        "efficiency": float(lens.sum() / (pack_tokens.size * seq_length)) if pack_tokens.size else 0.0,
+        "lower_bound": lower_bound(lens, seq_length),
+        "efficiency": efficiency(lens, pack_tokens.size, seq_length),
         "sample_length": _summary(lens),
         "pack_tokens": _summary(pack_tokens),
         "docs_per_pack": _summary(docs_per_pack),

@@ -1,4 +1,4 @@
-from trainer.cli import train_command
+from packer.trainer.cli import train_command
 
 if __name__ == "__main__":
-    train_command(prog_name="python -m trainer")
+    train_command(prog_name="python -m packer.trainer")

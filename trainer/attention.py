@@ -18,109 +18,19 @@ Backends (see docs/attention.md):
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from packer import boundaries
+from packer.trainer.kernels import cuda_kernel, cuda_varlen_attention, npu_causal_mask, npu_varlen_attention
+from packer.trainer.varlen import VarlenMeta, check_inputs
+
+__all__ = ["BACKENDS", "VarlenMeta", "attention", "attention_flops", "block_plan", "npu_causal_mask",
+           "npu_varlen_attention", "resolve_backend"]
 
 BACKENDS = ("reference", "blockwise", "npu", "cuda", "padded")
-
-
-@dataclass(frozen=True, slots=True)
-class VarlenMeta:
-    cu_seqlens: torch.Tensor  # (n_seg+1,) int32, leading 0, last == T, on the tensors' device
-    max_seqlen: int  # longest segment
-    actual_seq_len: list[int]  # cu_seqlens[1:] as python ints (Ascend form)
-    num_rows: int  # B
-    row_len: int  # S; T = B*S
-
-    @property
-    def total_tokens(self) -> int:
-        return self.num_rows * self.row_len
-
-    def __post_init__(self) -> None:
-        # Checked on the python copy of the offsets so that building a meta never syncs with the device.
-        ends = self.actual_seq_len
-        T = self.num_rows * self.row_len
-        if not ends or ends[-1] != T:
-            raise ValueError(f"actual_seq_len must end at T = num_rows*row_len = {T}, got {ends[-8:]}")
-        if any(b < a for a, b in zip([0, *ends], ends, strict=False)):
-            raise ValueError(f"actual_seq_len must be non-decreasing cumulative ends, got {ends}")
-        if missing := sorted(set(range(self.row_len, T, self.row_len)) - set(ends)):
-            raise ValueError(
-                f"a segment crosses a row boundary at token(s) {missing[:4]}; end every row's last document "
-                f"(or padding tail) at a multiple of row_len={self.row_len}"
-            )
-        if self.cu_seqlens.dtype != torch.int32 or self.cu_seqlens.numel() != len(ends) + 1:
-            raise ValueError(
-                f"cu_seqlens must be int32 of length {len(ends) + 1}, got {self.cu_seqlens.dtype} "
-                f"of length {self.cu_seqlens.numel()}; build metas with VarlenMeta.from_rows"
-            )
-        longest = max(b - a for a, b in zip([0, *ends], ends, strict=False))
-        if self.max_seqlen != longest:
-            raise ValueError(f"max_seqlen={self.max_seqlen} but the longest segment is {longest}")
-
-    @classmethod
-    def from_rows(
-        cls, doc_lens_per_row: Sequence[Sequence[int]], row_len: int, device: torch.device | str | None = None
-    ) -> VarlenMeta:
-        """Meta for B rows of `row_len` tokens; a row whose documents fall short gets one padding-tail segment.
-
-        >>> VarlenMeta.from_rows([[3, 2], [5]], row_len=8).actual_seq_len
-        [3, 5, 8, 13, 16]
-        """
-        lens: list[int] = []
-        for r, row in enumerate(doc_lens_per_row):
-            row = [int(n) for n in row]
-            if any(n < 0 for n in row) or sum(row) > row_len:
-                raise ValueError(
-                    f"row {r}: document lengths {row} must be >= 0 and sum to <= row_len={row_len}"
-                )
-            lens += row
-            if sum(row) < row_len:
-                lens.append(row_len - sum(row))
-        return cls.from_segment_lens(lens, num_rows=len(doc_lens_per_row), row_len=row_len, device=device)
-
-    @classmethod
-    def from_segment_lens(
-        cls, seg_lens: Sequence[int], num_rows: int, row_len: int, device: torch.device | str | None = None
-    ) -> VarlenMeta:
-        # the project's one lengths -> offsets function (int32, leading 0)
-        cu = boundaries.cu_seqlens(seg_lens)
-        return cls(
-            cu_seqlens=torch.from_numpy(cu).to(device),
-            max_seqlen=max((int(n) for n in seg_lens), default=0),
-            actual_seq_len=cu[1:].tolist(),
-            num_rows=num_rows,
-            row_len=row_len,
-        )
-
-    def segments(self) -> list[tuple[int, int]]:
-        """[(start, end), ...] of every segment, empty ones included."""
-        ends = self.actual_seq_len
-        return list(zip([0, *ends[:-1]], ends, strict=True))
-
-
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMeta) -> None:
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(
-            f"expected q (T, Hq, D), k and v (T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
-        )
-    T, Hq, D = q.shape
-    if k.shape[0] != T or k.shape[2] != D:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on T or head_dim")
-    if Hq % k.shape[1]:
-        raise ValueError(f"grouped-query attention needs Hq % Hkv == 0, got Hq={Hq}, Hkv={k.shape[1]}")
-    if meta.total_tokens != T:
-        raise ValueError(
-            f"q has {T} tokens but meta describes {meta.num_rows} rows x {meta.row_len} = {meta.total_tokens}"
-        )
 
 
 def _reference(q, k, v, meta: VarlenMeta, scale: float) -> torch.Tensor:
@@ -256,110 +166,6 @@ def _blockwise(q, k, v, meta: VarlenMeta, scale: float, block_size: int = 128) -
     return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# npu: torch_npu.npu_fusion_attention in TND layout, called the way MindSpeed-LLM calls it for packed data
-
-# sparse_mode 2/3/4 take this fixed "compressed" causal mask, whatever the sequence length
-NPU_MASK_SIZE = 2048
-NPU_SPARSE_MODE = 3  # rightDownCausal: causal within each (actual_seq_qlen, actual_seq_kvlen) segment
-NPU_PRE_TOCKENS = 65536  # MindSpeed-LLM's defaults; sparse_mode=3 ignores both
-NPU_NEXT_TOCKENS = 0
-
-
-@functools.lru_cache(maxsize=4)
-def npu_causal_mask(device: torch.device | str = "cpu") -> torch.Tensor:
-    """(2048, 2048) bool, True above the diagonal (= masked out), built once per device like MindSpeed-LLM."""
-    return torch.triu(torch.ones(NPU_MASK_SIZE, NPU_MASK_SIZE, device=device), diagonal=1).bool()
-
-
-def _torch_npu_kernel() -> Callable[..., tuple]:
-    try:
-        import torch_npu  # here, not at module import: CPU/CUDA users never need it
-    except ImportError as e:
-        raise ImportError(
-            "attention backend 'npu' needs torch_npu and an Ascend NPU with CANN: `pip install torch-npu` at the "
-            "version matching your torch and CANN; without an NPU use backend 'auto'"
-        ) from e
-    return torch_npu.npu_fusion_attention
-
-
-def npu_varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    meta: VarlenMeta,
-    scale: float | None = None,
-    kernel: Callable[..., tuple] | None = None,
-) -> torch.Tensor:
-    """npu backend with the kernel injectable (tests pass trainer.npu_emulator.npu_fusion_attention).
-
-    TND: q is (T, N1, D), k/v (T, N2, D) with N1 % N2 == 0 (GQA is native, no repeat); head_num is N1.
-    actual_seq_qlen/kvlen are CUMULATIVE ends as python ints ([5, 3, 0, 8] -> [5, 8, 8, 16]); passing them
-    as host lists avoids a device->host copy per layer.
-    """
-    _check_inputs(q, k, v, meta)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kernel = _torch_npu_kernel() if kernel is None else kernel
-    out = kernel(
-        q,
-        k,
-        v,
-        q.shape[1],
-        "TND",
-        pse=None,
-        padding_mask=None,
-        atten_mask=npu_causal_mask(q.device),
-        scale=scale,
-        keep_prob=1.0,
-        pre_tockens=NPU_PRE_TOCKENS,
-        next_tockens=NPU_NEXT_TOCKENS,
-        inner_precise=0,
-        actual_seq_qlen=list(meta.actual_seq_len),
-        actual_seq_kvlen=list(meta.actual_seq_len),
-        sparse_mode=NPU_SPARSE_MODE,
-    )
-    return out[0]  # (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, mask_len)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# cuda: torch's own varlen kernel (FlashAttention-2 inside), flash-attn as the fallback for older torch
-
-
-def _cuda_kernel() -> tuple[str, Callable]:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
-
-        return "torch", varlen_attn
-    except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        return "flash_attn", flash_attn_varlen_func
-    except ImportError as e:
-        raise ImportError(
-            f"attention backend 'cuda' needs torch >= 2.10 (torch.nn.attention.varlen) or flash-attn; this is torch "
-            f"{torch.__version__}: `pip install -U torch` or `pip install flash-attn --no-build-isolation`"
-        ) from e
-
-
-def _cuda(q, k, v, meta: VarlenMeta, scale: float) -> torch.Tensor:
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"attention backend 'cuda' runs FlashAttention, which takes float16/bfloat16, got {q.dtype}; "
-            "train in bf16 (or autocast) or use backend 'blockwise' / 'reference' for fp32"
-        )
-    name, kernel = _cuda_kernel()
-    cu, n = meta.cu_seqlens.to(q.device, non_blocking=True), meta.max_seqlen  # no-op when already there
-    if name == "torch":
-        # window (-1, 0) is how varlen_attn spells causal; GQA is native (enable_gqa), no repeat of k/v.
-        return kernel(
-            q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1]
-        )
-    return kernel(q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True)  # flash-attn: GQA native too
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 def attention(
@@ -375,7 +181,7 @@ def attention(
 
     `scale` defaults to 1/sqrt(D); `block_size` is used by the blockwise backend only.
     """
-    _check_inputs(q, k, v, meta)
+    check_inputs(q, k, v, meta)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
         return _reference(q, k, v, meta, scale)
@@ -384,7 +190,7 @@ def attention(
     if backend == "npu":
         return npu_varlen_attention(q, k, v, meta, scale)
     if backend == "cuda":
-        return _cuda(q, k, v, meta, scale)
+        return cuda_varlen_attention(q, k, v, meta, scale)
     if backend == "padded":
         return _padded(q, k, v, meta, scale)
     raise ValueError(
@@ -416,7 +222,7 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
                 f"attention backend 'cuda' needs a CUDA device, got {device} (cuda available: "
                 f"{torch.cuda.is_available()}); use 'auto' (reference on CPU) or 'blockwise'"
             )
-        _cuda_kernel()  # fail now, with the pip command, rather than at the first forward
+        cuda_kernel()  # fail now, with the pip command, rather than at the first forward
         return "cuda"
     if requested not in BACKENDS:
         raise ValueError(

@@ -28,9 +28,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from packer.boundaries import cumulative_ends
+from packer.boundaries import cu_seqlens, cumulative_ends, row_segments
 from packer.records import Pack
-from trainer.attention import VarlenMeta
+from packer.trainer.varlen import VarlenMeta
 
 IGNORE_INDEX = -100
 Layout = Literal["packed", "padded"]
@@ -48,32 +48,13 @@ def segment_boundaries(
     >>> segment_boundaries([[3, 5], [2, 2]], row_len=8)[0]
     [3, 8, 10, 12, 16]
     """
-    seg_lens: list[int] = []
-    for r, lens in enumerate(doc_lens_per_row):
-        lens = [int(n) for n in lens]
-        used = sum(lens)
-        if used > row_len:
-            raise ValueError(
-                f"row {r} holds {used} tokens (doc_lens {lens}) but rows are {row_len} tokens; "
-                f"pass --seq-length >= the packed seq_length of the data"
-            )
-        seg_lens.extend(lens)
-        if used < row_len:
-            seg_lens.append(row_len - used)
-    ends = cumulative_ends(seg_lens, leading_zero=True)
-    cu = ends.astype(np.int32)
-    return ends[1:].tolist(), cu, max(seg_lens, default=0)
+    seg_lens = row_segments(doc_lens_per_row, row_len)
+    cu = cu_seqlens(seg_lens)
+    return cu[1:].tolist(), cu, max(seg_lens, default=0)
 
 
 def varlen_meta(doc_lens_per_row: Sequence[Sequence[int] | np.ndarray], row_len: int) -> VarlenMeta:
-    actual, cu, max_seqlen = segment_boundaries(doc_lens_per_row, row_len)
-    return VarlenMeta(
-        cu_seqlens=torch.from_numpy(cu),
-        max_seqlen=max_seqlen,
-        actual_seq_len=actual,
-        num_rows=len(doc_lens_per_row),
-        row_len=row_len,
-    )
+    return VarlenMeta.from_rows(doc_lens_per_row, row_len)
 
 
 @dataclass(frozen=True, slots=True)

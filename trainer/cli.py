@@ -1,4 +1,4 @@
-"""`packer train` / `python -m trainer`: flags -> TrainConfig -> train(). Runs under torchrun for DDP."""
+"""`packer train` / `python -m packer.trainer`: flags -> TrainConfig -> train(). Runs under torchrun for DDP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import click
 
-from trainer.train import TrainConfig, train
+from packer.trainer.train import TrainConfig, train
 
 
 @click.command("train")

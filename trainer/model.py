@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.attention import VarlenMeta, attention
+from packer.trainer.attention import attention
+from packer.trainer.varlen import VarlenMeta
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer import checkpoint
-from trainer.attention import resolve_backend
-from trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
-from trainer.model import ModelConfig, Transformer, load_model_config
+from packer.trainer import checkpoint
+from packer.trainer.attention import resolve_backend
+from packer.trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
+from packer.trainer.model import ModelConfig, Transformer, load_model_config
 
 AttentionChoice = Literal["varlen", "blockwise", "padded"]
 

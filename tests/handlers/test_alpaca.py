@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from handlers import HandlerOptions, RecordError, get_handler
-from handlers.alpaca import TEMPLATES
+from packer.handlers import HandlerOptions, RecordError, get_handler
+from packer.handlers.alpaca import TEMPLATES
 from packer.records import Segment
 
 # Written out by hand from tatsu-lab/stanford_alpaca's PROMPT_DICT (+ the usual "\n" after "### Response:").

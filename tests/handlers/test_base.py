@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 
-import handlers
-from handlers import HANDLERS, HandlerOptions, RecordError, get_handler
-from handlers.base import Columns, SegmentBuilder
+import packer.handlers as handlers
+from packer.handlers import HANDLERS, HandlerOptions, RecordError, get_handler
+from packer.handlers.base import Columns, SegmentBuilder
 from packer.records import Segment
 
 

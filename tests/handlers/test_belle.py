@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from handlers import HandlerOptions, RecordError, get_handler
-from handlers.belle import is_dialogue
+from packer.handlers import HandlerOptions, RecordError, get_handler
+from packer.handlers.belle import is_dialogue
 from packer.records import Segment
 
 # BelleGroup/multiturn_chat_0.8M style: markers at line starts, no space after the colon, " \n" between turns.

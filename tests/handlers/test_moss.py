@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from handlers import HandlerOptions, RecordError, get_handler
+from packer.handlers import HandlerOptions, RecordError, get_handler
 from packer.records import Segment
 
 MODEL_FIELDS = ("Inner Thoughts", "Commands", "MOSS")

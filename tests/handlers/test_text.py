@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from handlers import HandlerOptions, RecordError, get_handler
+from packer.handlers import HandlerOptions, RecordError, get_handler
 from packer.records import Segment
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from handlers import HandlerOptions, RecordError, get_handler
-from handlers.alpaca import TEMPLATES
+from packer.handlers import HandlerOptions, RecordError, get_handler
+from packer.handlers.alpaca import TEMPLATES
 
 END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 

@@ -243,7 +243,8 @@ def real_build(tmp_path_factory):
 
     Only for read-only use: tests that modify files copy them first (see `copy_build`).
     """
-    from packer.build import BuildConfig, build
+    from packer.build import build
+    from packer.config import BuildConfig
 
     cache: dict[tuple, str] = {}
     root = tmp_path_factory.mktemp("real_builds")

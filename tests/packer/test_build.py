@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import packer.build as build_mod
-from handlers import RecordError, get_handler
-from packer.build import BuildConfig, BuildError, build
+import packer.spill as spill_mod
+from packer.build import build
+from packer.config import BuildConfig, BuildError
 from packer.dataset import PackedDataset
+from packer.handlers import RecordError, get_handler
 from packer.indexed import IndexedDataset, IndexedDatasetWriter
 from packer.manifest import loss_mask_prefix, manifest_path, output_files, read_manifest
 from packer.tokenize import load_tokenizer
@@ -356,12 +358,12 @@ def test_bounded_gather_writes_the_same_bytes(tmp_path, gpt2_tokenizer, helpers,
     records = helpers.read_records(ALPACA)[:1500]
     a = small_build(tmp_path, gpt2_tokenizer, records, name="a", seq_length=2048, on_error="skip")
     dropped = []
-    monkeypatch.setattr(build_mod, "RESIDENT_SPILL", 0)
-    monkeypatch.setattr(build_mod._SpillMaps, "drop", lambda self, f=build_mod._SpillMaps.drop: (dropped.append(1),
-                                                                                               f(self)))
-    write = build_mod._write_global
-    monkeypatch.setattr(build_mod, "_write_global", lambda *a, **k: write(*a, **k, chunk_tokens=3000,
-                                                                            chunk_samples=7))
+    monkeypatch.setattr(spill_mod, "RESIDENT_SPILL", 0)
+    monkeypatch.setattr(spill_mod.SpillMaps, "drop", lambda self, f=spill_mod.SpillMaps.drop: (dropped.append(1),
+                                                                                             f(self)))
+    write = build_mod.write_global
+    monkeypatch.setattr(build_mod, "write_global", lambda *a, **k: write(*a, **k, chunk_tokens=3000,
+                                                                           chunk_samples=7))
     b = small_build(tmp_path, gpt2_tokenizer, records, name="b", seq_length=2048, on_error="skip")
     assert len(dropped) >= b.num_packs // 2  # groups of a few packs, each dropped
     for fa, fb in zip(output_files(a.prefix), output_files(b.prefix), strict=True):

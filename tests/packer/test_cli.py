@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -116,3 +121,74 @@ def test_version_and_help(runner):
     assert h.exit_code == 0
     for cmd in ("build", "verify", "inspect"):
         assert cmd in h.output
+
+
+# Flags of other programs that our messages quote, and why.
+FOREIGN_FLAGS = {
+    "--help": "click's own",
+    "--no-build-isolation": "pip's, in the flash-attn install hint",
+}
+
+
+def _string_constants(root: Path):
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield path, node.value
+
+
+def _cli_options() -> set[str]:
+    ctx = click.Context(main)
+    options = set()
+    for name in main.list_commands(ctx):
+        for param in main.get_command(ctx, name).params:
+            options.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+    return options
+
+
+def test_every_option_named_in_a_message_exists():
+    """Error messages, hints and help texts (every string in the code) only name options a command has."""
+    repo = Path(__file__).resolve().parents[2]
+    options = _cli_options() | set(FOREIGN_FLAGS)
+    named: dict[str, str] = {}
+    for folder in ("packer", "handlers", "trainer"):
+        for path, text in _string_constants(repo / folder):
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text):
+                named.setdefault(flag, str(path.relative_to(repo)))
+    assert "--on-error" in named and "--seq-length" in named  # the scan sees the messages
+    missing = {flag: where for flag, where in named.items() if flag not in options}
+    assert not missing, f"messages name options that no packer command has: {missing}"
+
+
+def test_choices_come_from_the_registries():
+    from packer.config import ON_ERROR
+    from packer.handlers import HANDLERS
+    from packer.overflow import POLICIES
+    from packer.packing import ALGORITHMS
+
+    choices = {p.name: tuple(p.type.choices) for p in main.get_command(click.Context(main), "build").params
+               if isinstance(p.type, click.Choice)}
+    assert choices == {"handler": HANDLERS, "overflow": POLICIES, "pack_algorithm": ALGORITHMS, "on_error": ON_ERROR}
+
+
+def test_install_puts_only_packer_on_the_import_path(tmp_path):
+    """handlers/ and trainer/ install as packer.handlers / packer.trainer: no generic top-level names."""
+    code = ("import importlib.util as u, packer.handlers, packer.trainer, packer.trainer.attention; "
+            "print(u.find_spec('handlers'), u.find_spec('trainer'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "None"]
+
+
+def test_streaming_build_does_not_import_torch(tmp_path):
+    """The CLI imports `datasets` with its documented USE_TORCH=0 switch (torch costs 1.5 s and is not used)."""
+    demo = Path(__file__).resolve().parents[2] / "packer" / "assets" / "demo_alpaca.json"
+    code = ("import sys; from packer.cli import main\n"
+            "try: main(sys.argv[1:])\nexcept SystemExit as e: assert not e.code, e.code\n"
+            "import datasets; assert datasets.config.TORCH_AVAILABLE is False; "
+            "assert 'torch' not in sys.modules; print('no torch')")
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    out = subprocess.run([sys.executable, "-c", code, "build", "--handler", "alpaca", "--input", str(demo),
+                          "--streaming", "-q", "--output-prefix", str(tmp_path / "o")],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "no torch" in out.stdout

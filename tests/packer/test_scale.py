@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from packer.build import BuildConfig, build
+from packer.build import build
 from packer.cli import main
+from packer.config import BuildConfig
 from packer.dataset import PackedDataset
 from packer.merge import MergeError, merge
 from packer.verify import verify
@@ -189,14 +190,14 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
 def test_streaming_errors_name_the_file_and_its_own_record_number(tmp_path: Path) -> None:
     a = write_lines(tmp_path / "a.jsonl", [GOOD] * 5)
     b = write_lines(tmp_path / "b.jsonl", [GOOD, GOOD, {"instruction": "x", "input": ""}, GOOD])
-    from packer.build import BuildError
+    from packer.config import BuildError
 
     with pytest.raises(BuildError, match=r"b\.jsonl: record 3: field 'output'"):
         build(config(tmp_path, "e", inputs=(a, b), streaming=True), progress=False)
 
 
 def test_streaming_without_the_handlers_columns_is_a_record_error(tmp_path: Path) -> None:
-    from packer.build import BuildError
+    from packer.config import BuildError
 
     path = write_lines(tmp_path / "t.jsonl", [{"body": "some text"}] * 3)
     with pytest.raises(BuildError, match=r"no 'text' column \(columns: 'body'\)"):
@@ -204,7 +205,7 @@ def test_streaming_without_the_handlers_columns_is_a_record_error(tmp_path: Path
 
 
 def test_bad_options_are_build_errors(tmp_path: Path) -> None:
-    from packer.build import BuildError
+    from packer.config import BuildError
 
     with pytest.raises(BuildError, match="pack-window"):
         build(config(tmp_path, "o", streaming=True, pack_window=(1, False)), progress=False)
@@ -215,7 +216,7 @@ def test_bad_options_are_build_errors(tmp_path: Path) -> None:
 
 
 def test_all_records_skipped_keeps_the_rejects(tmp_path: Path) -> None:
-    from packer.build import BuildError
+    from packer.config import BuildError
 
     path = write_lines(tmp_path / "bad.jsonl", [{"instruction": "x"}, "{not json", {"output": 3}])
     with pytest.raises(BuildError, match="rejects.jsonl"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from handlers import get_handler
+from packer.handlers import get_handler
 from packer.records import Segment
 from packer.tokenize import WELL_KNOWN_EOD, SampleEncoder, TokenizerError, load_tokenizer
 

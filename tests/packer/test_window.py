@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from packer.config import parse_window
 from packer.packing import pack
-from packer.streaming import parse_window
 from packer.window import WindowPacker
 
 LENGTHS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lengths"

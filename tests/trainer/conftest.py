@@ -68,7 +68,7 @@ def alpaca_prefix(tmp_path_factory) -> str:
         pytest.skip(f"shared data absent: needs {ALPACA} and {GPT2}")
     try:
         import packer.build  # noqa: F401
-        from handlers import get_handler  # noqa: F401
+        from packer.handlers import get_handler  # noqa: F401
     except ImportError as e:
         pytest.skip(f"`packer build` cannot run yet ({e}); it makes the real packed data")
     tmp = tmp_path_factory.mktemp("alpaca")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from packer.boundaries import cu_seqlens
-from trainer import npu_emulator
-from trainer.attention import (
+from packer.trainer import npu_emulator
+from packer.trainer.attention import (
     BACKENDS,
     VarlenMeta,
     attention,
@@ -20,7 +20,7 @@ from trainer.attention import (
     npu_varlen_attention,
     resolve_backend,
 )
-from trainer.npu_emulator import NpuArgumentError
+from packer.trainer.npu_emulator import NpuArgumentError
 
 TOL = 1e-5  # fp32
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from packer.records import Pack
-from trainer.batching import IGNORE_INDEX, PackOrder, collate, segment_boundaries, varlen_meta
+from packer.trainer.batching import IGNORE_INDEX, PackOrder, collate, segment_boundaries, varlen_meta
 
 
 def pack(ids, mask, doc_lens) -> Pack:

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainer.attention as attn
-from trainer.batching import IGNORE_INDEX, collate
-from trainer.model import PRESETS, ModelConfig, Transformer, load_model_config
-from trainer.train import loss_sum
+import packer.trainer.kernels as kernels
+from packer.trainer.batching import IGNORE_INDEX, collate
+from packer.trainer.model import PRESETS, ModelConfig, Transformer, load_model_config
+from packer.trainer.train import loss_sum
 
 from .conftest import random_pack
 
@@ -23,9 +23,9 @@ ROW = 40
 @pytest.fixture
 def npu_emulated(monkeypatch):
     """Route backend 'npu' to trainer.npu_emulator (same signature as torch_npu.npu_fusion_attention)."""
-    from trainer.npu_emulator import npu_fusion_attention
+    from packer.trainer.npu_emulator import npu_fusion_attention
 
-    monkeypatch.setattr(attn, "_torch_npu_kernel", lambda: npu_fusion_attention)
+    monkeypatch.setattr(kernels, "_torch_npu_kernel", lambda: npu_fusion_attention)
 
 
 def tiny_model(seed: int = 0) -> Transformer:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer import checkpoint
-from trainer.cli import train_command
-from trainer.train import TrainConfig, lr_at, train
+from packer.trainer import checkpoint
+from packer.trainer.cli import train_command
+from packer.trainer.train import TrainConfig, lr_at, train
 
 from .conftest import FakePackedDataset
 
@@ -152,7 +152,7 @@ def test_torchrun_two_ranks(alpaca_prefix, tmp_path):
             "2",
             "--standalone",
             "-m",
-            "trainer",
+            "packer.trainer",
             *args,
             "--micro-batch-size",
             "1",

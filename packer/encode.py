@@ -1,0 +1,169 @@
+"""Encode: a batch of raw records -> handler -> tokenizer -> `--overflow` -> one `Chunk` of samples.
+
+Malformed records become `RecordError`s that fail the build (naming file, record and field) or, with
+`--on-error skip`, are counted and returned as rejects for the rejects file. Everything here runs in the
+tokenizer workers as well as in the main process; each process builds its own `RecordEncoder`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from packer.config import BuildConfig, BuildError
+from packer.handlers import HandlerOptions, RecordError, get_handler
+from packer.indexed import token_dtype
+from packer.overflow import SampleTooLong, fit
+from packer.sources import BadRecord, LineBlock, RawRecord
+from packer.tokenize import SampleEncoder, load_tokenizer
+
+if TYPE_CHECKING:
+    from packer.streaming import ArrowBatch
+
+
+@dataclass
+class Counters:
+    records: int = 0
+    skipped: int = 0  # malformed records, with --on-error skip
+    samples: int = 0  # samples written (a split sample counts once per chunk)
+    tokens: int = 0
+    target_tokens: int = 0
+    truncated: int = 0
+    split: int = 0  # samples split into several chunks
+    dropped: int = 0  # samples dropped by --overflow drop
+    dropped_no_target: int = 0  # truncation left no trainable token, or a split chunk had none
+    unterminated: int = 0  # split chunks other than the last: they do not end with EOD
+    interior_eod: int = 0  # EOD ids inside samples: the record text spelled the EOD token
+
+    def add(self, other: Any) -> None:
+        """Add another Counters, or anything with some of these fields (an `overflow.Fitted`)."""
+        for f in fields(self):
+            if hasattr(other, f.name):
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class Chunk:
+    """What encoding a batch of records yields: samples as flat arrays (cheap to pass between processes)."""
+
+    ids: np.ndarray  # concatenated sample ids
+    mask: np.ndarray  # concatenated loss masks
+    lengths: np.ndarray  # (n_samples,)
+    rejects: list[dict]
+    counters: Counters
+
+    @staticmethod
+    def join(parts: list[Chunk]) -> Chunk:
+        c = Counters()
+        for part in parts:
+            c.add(part.counters)
+        return Chunk(np.concatenate([p.ids for p in parts]), np.concatenate([p.mask for p in parts]),
+                     np.concatenate([p.lengths for p in parts]), [r for p in parts for r in p.rejects], c)
+
+
+class RecordEncoder:
+    """handler + tokenizer + overflow policy for one process; `encode` turns raw records into a Chunk."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.tokenizer, self.info = load_tokenizer(config.tokenizer, config.eod_token)
+        options = HandlerOptions(
+            template=config.template,
+            map_keys=dict(config.map_keys),
+            json_keys=tuple(config.json_keys),
+            last_turn_only=config.last_turn_only,
+            system=config.system,
+        )
+        try:
+            self.handler = get_handler(config.handler, options)
+        except ValueError as e:
+            raise BuildError(str(e)) from e
+        self.overflow = config.overflow or self.handler.default_overflow
+        self.dtype = np.dtype(token_dtype(self.info.vocab_size))
+        self.encoder = SampleEncoder(self.tokenizer, self.info, train_on_prompt=config.train_on_prompt)
+
+    def encode(self, batch: list[RawRecord] | ArrowBatch | LineBlock) -> Chunk:
+        """A batch of raw records -> one Chunk, tokenized --batch-size records per encode_batch call."""
+        records = batch if isinstance(batch, list) else batch.records()
+        size = self.config.batch_size
+        if len(records) <= size:
+            return self._encode(records)
+        return Chunk.join([self._encode(records[i : i + size]) for i in range(0, len(records), size)])
+
+    def _encode(self, records: list[RawRecord]) -> Chunk:
+        c = Counters(records=len(records))
+        rejects: list[dict] = []
+
+        def reject(rec: RawRecord, data: Any, e: RecordError) -> None:
+            message = f"{rec.where()}: field {e.field!r}: {e.message}"
+            if self.config.on_error == "fail":
+                raise BuildError(message + " (or pass --on-error skip to skip and count such records)") from e
+            c.skipped += 1
+            raw = data.raw if isinstance(data, BadRecord) else data
+            rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
+                            "error": e.message, "data": raw})
+
+        segments, kept, kept_data = [], [], []
+        for rec in records:
+            data = rec.parsed()
+            try:
+                if isinstance(data, BadRecord):
+                    raise RecordError("<line>", data.message)
+                if not isinstance(data, dict):
+                    raise RecordError("<record>", f"expected a JSON object, got {type(data).__name__}")
+                segments.append(self.handler(data))
+                kept.append(rec)
+                kept_data.append(data)
+            except RecordError as e:
+                reject(rec, data, e)
+        try:
+            ids, mask, lengths = self.encoder.encode_flat(segments)
+        except MemoryError:
+            raise
+        except Exception:  # tokenizers refuses the whole batch for one text it cannot take; find which
+            bad = [j for j, segs in enumerate(segments) if not all(utf8_encodable(s.text) for s in segs)]
+            if not bad:
+                raise
+            for j in bad:
+                reject(kept[j], kept_data[j], RecordError(
+                    "<text>", "a lone UTF-16 surrogate (e.g. a \\ud800 escape without its pair), which no "
+                    "tokenizer can encode; fix or remove the record"))
+            rejects.sort(key=lambda r: r["record"])  # the file lists a batch's rejects in record order
+            keep = sorted(set(range(len(segments))) - set(bad))
+            segments, kept = [segments[j] for j in keep], [kept[j] for j in keep]
+            ids, mask, lengths = self.encoder.encode_flat(segments)
+        if lengths.size and lengths.max() > self.config.seq_length:  # rare: apply --overflow per sample
+            ids, mask, lengths = self._fit_all(kept, ids, mask, lengths, c)
+        c.samples, c.tokens, c.target_tokens = len(lengths), int(lengths.sum()), int(mask.sum())
+        if lengths.size:
+            is_eod = ids == self.info.eod_id
+            c.interior_eod = int(is_eod.sum()) - int(is_eod[np.cumsum(lengths) - 1].sum())
+        # In the output's dtype already: a quarter of the bytes to send back for a < 65536 vocabulary.
+        return Chunk(ids.astype(self.dtype), mask, lengths, rejects, c)
+
+    def _fit_all(self, kept: list[RawRecord], ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray,
+                 c: Counters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        ends = np.cumsum(lengths)
+        for rec, n, e in zip(kept, lengths.tolist(), ends.tolist(), strict=True):
+            try:
+                fitted = fit(ids[e - n : e], mask[e - n : e], self.config.seq_length, self.overflow)
+            except SampleTooLong as err:
+                raise BuildError(f"{rec.where()}: {err}; pass --overflow truncate|split|drop, or a larger "
+                                 "--seq-length") from err
+            c.add(fitted)
+            out.extend(fitted.pieces)
+        lengths = np.fromiter((s.size for s, _ in out), dtype=np.int64, count=len(out))
+        ids = np.concatenate([s for s, _ in out]) if out else np.zeros(0, np.int64)
+        mask = np.concatenate([m for _, m in out]) if out else np.zeros(0, np.uint8)
+        return ids, mask, lengths
+
+
+def utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,112 @@
+"""`OutputSet`: everything one command writes at a prefix, made visible as ONE commit.
+
+`build`, `merge` and `export` write through it, so the crash-safety argument is made here once:
+
+    with OutputSet(prefix) as out:
+        tokens = out.dataset("", np.uint16)              # PREFIX.bin / PREFIX.idx
+        mask = out.dataset("_loss_mask", np.uint8)       # PREFIX_loss_mask.bin / .idx
+        out.add_rejects([...])                           # PREFIX.rejects.jsonl, only if any record was skipped
+        ...
+        manifest = out.commit(lambda files: {...})       # files: name -> {bytes, sha256}
+
+Until `commit` every byte goes to temporary files next to the targets, and an earlier output at the prefix is
+untouched; leaving the `with` block without a commit removes them. `commit`:
+    1. finalizes every dataset (still under temporary names) and checksums every pending file;
+    2. builds the manifest from those checksums (so the renames below are the only unprotected window);
+    3. removes the earlier manifest, so old and new files are never taken together for a complete output;
+    4. renames the data into place, the first dataset declared last and each `.idx` after its `.bin`;
+    5. writes the manifest (atomically), whose presence means the output is complete;
+    6. renames the rejects file into place, or removes a stale one from an earlier run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from packer.indexed import IndexedDatasetWriter
+from packer.manifest import file_entries, manifest_path, write_json_atomic
+
+
+def rejects_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.rejects.jsonl")
+
+
+class OutputSet:
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = os.fspath(prefix)
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._datasets: list[IndexedDatasetWriter] = []
+        self.rejects_path = rejects_path(self.prefix)
+        self._rejects_tmp = self.rejects_path.with_name(f"{self.rejects_path.name}.tmp-{os.getpid()}")
+        self._rejects = None  # opened on the first reject
+        self.rejected = 0
+        self.committed = False
+
+    def dataset(self, suffix: str, dtype: type[np.number] | np.dtype) -> IndexedDatasetWriter:
+        """A new `.bin/.idx` pair at PREFIX + suffix."""
+        writer = IndexedDatasetWriter(self.prefix + suffix, dtype)
+        self._datasets.append(writer)
+        return writer
+
+    def add_rejects(self, rejects: list[dict]) -> None:
+        """Skipped records, one JSON object per line (a lone surrogate stays as its JSON escape)."""
+        if not rejects:
+            return
+        if self._rejects is None:
+            self._rejects = open(self._rejects_tmp, "w", encoding="utf-8")  # noqa: SIM115 -- closed in _close_rejects
+        for r in rejects:
+            line = json.dumps(r, ensure_ascii=False)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                line = json.dumps(r)
+            self._rejects.write(line + "\n")
+        self.rejected += len(rejects)
+
+    def commit_rejects(self) -> Path | None:
+        """Put the rejects file in place without committing the data (a run that fails for want of any sample
+        still shows what it skipped and why). Returns its path, or None when nothing was rejected."""
+        if self._rejects is None:
+            return None
+        self._close_rejects()
+        os.replace(self._rejects_tmp, self.rejects_path)
+        return self.rejects_path
+
+    def commit(self, make_manifest: Callable[[dict[str, dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
+        """Steps 1-6 of the module docstring; returns the manifest written."""
+        pending: dict[str, Path] = {}
+        for writer in self._datasets:
+            writer.finalize()
+            pending |= writer.pending()
+        manifest = make_manifest(file_entries(pending))
+        manifest_path(self.prefix).unlink(missing_ok=True)
+        for writer in reversed(self._datasets):
+            writer.commit()
+        write_json_atomic(manifest_path(self.prefix), manifest)
+        if self.commit_rejects() is None:
+            self.rejects_path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
+        self.committed = True
+        return manifest
+
+    def _close_rejects(self) -> None:
+        if self._rejects is not None and not self._rejects.closed:
+            self._rejects.close()
+
+    def abort(self) -> None:
+        for writer in self._datasets:
+            writer.abort()
+        self._close_rejects()
+        self._rejects_tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            self.abort()

@@ -1,0 +1,127 @@
+"""The pack-order writer: samples -> packs in the token and loss-mask datasets, the same bytes for both paths.
+
+    global     spill (arrival order) -> gather in PackPlan order, a group of packs at a time -> PackWriter
+    streaming  chunks -> WindowWriter: samples wait in a bounded window until their pack is final -> PackWriter
+
+A pack is one Megatron *document*, each of its samples one *sequence* (docs/format.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from packer.indexed import IndexedDatasetWriter
+from packer.packing import PackPlan, PackStats
+from packer.spill import SampleSpill
+from packer.window import Packs, WindowPacker
+
+
+class PackWriter:
+    """Appends whole packs to the token and loss-mask datasets and keeps their PackStats."""
+
+    def __init__(self, tokens: IndexedDatasetWriter, mask: IndexedDatasetWriter):
+        self.tokens, self.mask = tokens, mask
+        self.dtype = tokens.dtype
+        self.stats = PackStats()
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray, samples_per_pack: np.ndarray) -> None:
+        """Packs of samples: their ids and masks concatenated in pack order, each sample's length, and how many
+        samples each pack holds."""
+        self.tokens.add_sequences(ids, seq_lens)
+        self.tokens.end_documents(samples_per_pack)
+        self.mask.add_sequences(mask, seq_lens)
+        self.mask.end_documents(samples_per_pack)
+        self.stats.add(seq_lens, samples_per_pack)
+
+
+def token_positions(starts: np.ndarray, lengths: np.ndarray, extent: int) -> np.ndarray:
+    """Positions of the tokens of samples at `starts` with `lengths`, concatenated: start_j + 0..len_j-1.
+    int32 when every position is below 2**31 (`extent`): these are the writers' largest transient arrays."""
+    dtype = np.int32 if extent < 2**31 else np.int64
+    where = np.repeat((starts - (np.cumsum(lengths) - lengths)).astype(dtype), lengths)
+    where += np.arange(where.size, dtype=dtype)
+    return where
+
+
+def write_global(plan: PackPlan, lengths: np.ndarray, spill: SampleSpill, out: PackWriter, progress: bool,
+                 chunk_tokens: int = 1 << 18, chunk_samples: int = 256) -> None:
+    """Gather the spilled samples in pack order, a group of whole packs at a time (at most chunk_tokens tokens
+    and chunk_samples samples, unless one pack alone is more). The map's pages are dropped after each group, so
+    the resident spill stays within max(RESIDENT_SPILL, ~2 x chunk_samples x 64 KiB) = 32 MiB, whatever the
+    corpus."""
+    starts = np.cumsum(lengths) - lengths
+    ends = np.cumsum(plan.pack_lengths(lengths))  # tokens up to the end of each pack
+    groups = [0]
+    while groups[-1] < plan.num_packs:
+        p0 = groups[-1]
+        by_tokens = int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + chunk_tokens, side="right"))
+        by_samples = int(np.searchsorted(plan.offsets, plan.offsets[p0] + chunk_samples, side="right")) - 1
+        groups.append(max(p0 + 1, min(by_tokens, by_samples, plan.num_packs)))
+    with (tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar,
+          spill.maps() as spilled):
+        for p0, p1 in zip(groups[:-1], groups[1:], strict=False):
+            members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
+            seq_lens = lengths[members]
+            gather = token_positions(starts[members], seq_lens, int(starts[-1] + lengths[-1]))
+            out.add(spilled.ids[gather], spilled.mask[gather], seq_lens, np.diff(plan.offsets[p0 : p1 + 1]))
+            spilled.drop()
+            bar.update(p1 - p0)
+
+
+class WindowWriter:
+    """Online packing: samples wait in a bounded window and are written as soon as their pack is final.
+
+    The waiting samples' tokens live in arrays: chunks are appended as they arrive, and each time packs are
+    written the samples still waiting are compacted into one fresh buffer, so memory follows the window (a
+    sample that waits many rounds does not keep its whole chunk alive) at about one copy per token.
+    """
+
+    def __init__(self, out: PackWriter, seq_length: int, window: int, by_tokens: bool):
+        self.out = out
+        self.packer = WindowPacker(seq_length, window, by_tokens=by_tokens)
+        self._ids: list[np.ndarray] = []  # the waiting tokens: the compacted buffer, then the chunks since
+        self._mask: list[np.ndarray] = []
+        self._keys = np.zeros(0, np.int64)  # waiting samples: arrival number (ascending), start, length
+        self._starts = np.zeros(0, np.int64)
+        self._lens = np.zeros(0, np.int64)
+        self._held = 0  # tokens in the buffers
+        self._next_key = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
+        """Samples in arrival order (ids and masks concatenated, and their lengths)."""
+        n = lengths.size
+        if not n:
+            return
+        self._ids.append(ids.astype(self.out.dtype, copy=False))
+        self._mask.append(mask)
+        keys = np.arange(self._next_key, self._next_key + n, dtype=np.int64)
+        self._keys = np.concatenate([self._keys, keys])
+        self._starts = np.concatenate([self._starts, self._held + np.cumsum(lengths) - lengths])
+        self._lens = np.concatenate([self._lens, lengths])
+        self._held += int(lengths.sum())
+        self._next_key += n
+        self._write(self.packer.extend(keys, lengths))
+
+    def flush(self) -> None:
+        self._write(self.packer.flush())
+
+    def _write(self, packs: Packs) -> None:
+        if not len(packs):
+            return
+        ids = self._ids[0] if len(self._ids) == 1 else np.concatenate(self._ids)
+        mask = self._mask[0] if len(self._mask) == 1 else np.concatenate(self._mask)
+        at = np.searchsorted(self._keys, packs.members)  # keys are ascending
+        seq_lens = self._lens[at]
+        where = token_positions(self._starts[at], seq_lens, self._held)
+        self.out.add(ids[where], mask[where], seq_lens, packs.sizes)
+        del where
+        waiting = np.ones(self._keys.size, dtype=bool)
+        waiting[at] = False
+        # The buffer is the waiting samples' tokens back to back, in key order: keep the rest, in place order.
+        keep = np.repeat(waiting, self._lens)
+        self._ids, self._mask = [ids[keep]], [mask[keep]]
+        del ids, mask, keep
+        self._keys, self._lens = self._keys[waiting], self._lens[waiting]
+        self._starts = np.cumsum(self._lens) - self._lens
+        self._held = int(self._lens.sum())

@@ -13,10 +13,11 @@ Until `commit` every byte goes to temporary files next to the targets, and an ea
 untouched; leaving the `with` block without a commit removes them. `commit`:
     1. finalizes every dataset (still under temporary names) and checksums every pending file;
     2. builds the manifest from those checksums (so the renames below are the only unprotected window);
-    3. removes the earlier manifest, so old and new files are never taken together for a complete output;
-    4. renames the data into place, the first dataset declared last and each `.idx` after its `.bin`;
-    5. writes the manifest (atomically), whose presence means the output is complete;
-    6. renames the rejects file into place, or removes a stale one from an earlier run.
+    3. removes the earlier manifest and rejects file, so old and new files are never taken together for a
+       complete output;
+    4. renames the data into place, the first dataset declared last and each `.idx` after its `.bin`, then
+       the rejects file, if any record was rejected;
+    5. writes the manifest (atomically), whose presence means the output is complete.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class OutputSet:
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._datasets: list[IndexedDatasetWriter] = []
         self.rejects_path = rejects_path(self.prefix)
-        self._rejects_tmp = self.rejects_path.with_name(f"{self.rejects_path.name}.tmp-{os.getpid()}")
+        self._rejects_tmp = self.rejects_path.with_name(
+            f"{self.rejects_path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
         self._rejects = None  # opened on the first reject
         self.rejected = 0
         self.committed = False
@@ -58,8 +60,10 @@ class OutputSet:
         """Skipped records, one JSON object per line (a lone surrogate stays as its JSON escape)."""
         if not rejects:
             return
+        if self._rejects is not None and self._rejects.closed:
+            raise RuntimeError("add_rejects() after commit_rejects()")
         if self._rejects is None:
-            self._rejects = open(self._rejects_tmp, "w", encoding="utf-8")  # noqa: SIM115 -- closed in _close_rejects
+            self._rejects = open(self._rejects_tmp, "w", encoding="utf-8")  # noqa: SIM115 -- closed in commit_rejects/abort
         for r in rejects:
             line = json.dumps(r, ensure_ascii=False)
             try:
@@ -74,34 +78,33 @@ class OutputSet:
         still shows what it skipped and why). Returns its path, or None when nothing was rejected."""
         if self._rejects is None:
             return None
-        self._close_rejects()
-        os.replace(self._rejects_tmp, self.rejects_path)
+        if not self._rejects.closed:
+            self._rejects.close()
+            os.replace(self._rejects_tmp, self.rejects_path)
         return self.rejects_path
 
     def commit(self, make_manifest: Callable[[dict[str, dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
-        """Steps 1-6 of the module docstring; returns the manifest written."""
+        """Steps 1-5 of the module docstring; returns the manifest written."""
         pending: dict[str, Path] = {}
         for writer in self._datasets:
             writer.finalize()
             pending |= writer.pending()
         manifest = make_manifest(file_entries(pending))
         manifest_path(self.prefix).unlink(missing_ok=True)
+        if self._rejects is None:
+            self.rejects_path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
         for writer in reversed(self._datasets):
             writer.commit()
+        self.commit_rejects()
         write_json_atomic(manifest_path(self.prefix), manifest)
-        if self.commit_rejects() is None:
-            self.rejects_path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
         self.committed = True
         return manifest
-
-    def _close_rejects(self) -> None:
-        if self._rejects is not None and not self._rejects.closed:
-            self._rejects.close()
 
     def abort(self) -> None:
         for writer in self._datasets:
             writer.abort()
-        self._close_rejects()
+        if self._rejects is not None and not self._rejects.closed:
+            self._rejects.close()
         self._rejects_tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> OutputSet:

@@ -38,6 +38,10 @@ class Fitted:
 
 def fit(ids: np.ndarray, mask: np.ndarray, seq_length: int, policy: str) -> Fitted:
     """Apply `policy` to one sample (`ids` ends with its EOD); a sample that fits comes back unchanged."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown --overflow policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if seq_length < 2:
+        raise ValueError(f"--seq-length must be >= 2, got {seq_length}")
     n = seq_length
     if ids.size <= n:
         return Fitted([(ids, mask)])
@@ -51,13 +55,12 @@ def fit(ids: np.ndarray, mask: np.ndarray, seq_length: int, policy: str) -> Fitt
         if not cut_mask[:-1].any():
             return Fitted([], dropped_no_target=1)
         return Fitted([(cut_ids, cut_mask)], truncated=1)
-    if policy != "split":
-        raise ValueError(f"unknown --overflow policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    chunks, untrained = [], 0
+    chunks, untrained, ends = [], 0, False
     for a in range(0, ids.size, n):
         if not mask[a : a + n].any():
             untrained += 1
             continue
         chunks.append((ids[a : a + n], mask[a : a + n]))
-    # The last chunk holds the EOD, a target, so it is never dropped: every other chunk is unterminated.
-    return Fitted(chunks, split=1, dropped_no_target=untrained, unterminated=len(chunks) - 1)
+        ends = a + n >= ids.size
+    # Only the last chunk holds the EOD (a target, so that chunk is never dropped): the others are unterminated.
+    return Fitted(chunks, split=1, dropped_no_target=untrained, unterminated=len(chunks) - int(ends))

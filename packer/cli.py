@@ -13,6 +13,7 @@ import numpy as np
 
 from packer import __version__
 from packer.config import ON_ERROR
+from packer.export import TARGETS as EXPORT_TARGETS
 from packer.handlers import HANDLERS
 from packer.handlers.alpaca import TEMPLATES as ALPACA_TEMPLATES
 from packer.handlers.belle import TEMPLATES as BELLE_TEMPLATES
@@ -238,6 +239,45 @@ def merge(out_prefix: str, in_prefixes: tuple[str, ...], allow_partial: bool, qu
     c = m["counts"]
     click.echo(f"merged {len(in_prefixes)} builds into {out_prefix}: {c['packs']:,} packs, {c['samples']:,} samples, "
                f"{c['tokens']:,} tokens, efficiency {m['packing']['efficiency']:.2%}")
+
+
+@main.command()
+@click.argument("prefix")
+@click.option("--to", "to", required=True, type=click.Choice(EXPORT_TARGETS),
+              help="mindspeed: MindSpeed-LLM packed SFT; bridge: Megatron-Bridge/NeMo packed Parquet; hf: Parquet "
+                   "rows for transformers/TRL padding-free training.")
+@click.option("--output", required=True, type=click.Path(),
+              help="mindspeed: OUT_packed_*_document.{bin,idx}; bridge: OUT.idx.parquet; hf: OUT/*.parquet. "
+                   "The manifest is OUT.json.")
+@click.option("--eod-boundaries", is_flag=True,
+              help="mindspeed: segments end at EOD (MindSpeed without --neat-pack) instead of explicit segment ids.")
+@click.option("--pad-to-multiple-of", type=int,
+              help="mindspeed: pad each pack to a multiple of N (MindSpeed --no-pad-to-seq-lengths) instead of to "
+                   "the sequence length.")
+@click.option("--per-sample", is_flag=True,
+              help="hf: one row per sample (for transformers' DataCollatorWithFlattening) instead of one per pack.")
+@click.option("--rows-per-shard", type=int, default=10_000, show_default=True, help="hf: rows per Parquet file.")
+@click.option("--no-checksums", is_flag=True, help="Verify the input without its sha256 checksums.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(prefix, to, output, eod_boundaries, pad_to_multiple_of, per_sample, rows_per_shard, no_checksums,
+           quiet) -> None:
+    """Convert a verified build for another trainer: MindSpeed-LLM, Megatron-Bridge/NeMo, or HF/TRL."""
+    from packer.export import ExportConfig, ExportError
+    from packer.export import export as run_export
+
+    config = ExportConfig(prefix=prefix, to=to, output=output, neat_pack=not eod_boundaries,
+                          pad_to_multiple_of=pad_to_multiple_of, per_sample=per_sample,
+                          rows_per_shard=rows_per_shard, checksums=not no_checksums)
+    try:
+        m = run_export(config, progress=not quiet and sys.stderr.isatty())
+    except (ExportError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    section = m[to]
+    for w in section.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"exported {prefix} for {to} to {output} ({len(m['files'])} files, manifest {output}.json): "
+               + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                           for k, v in section.get("summary", {}).items()))
 
 
 @main.command()

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-from packer.boundaries import actual_seq_len, cu_seqlens
+from packer.boundaries import actual_seq_len, cu_seqlens, cumulative_ends
 from packer.indexed import IndexedDataset
 from packer.manifest import loss_mask_prefix, read_manifest
 from packer.records import Pack
+
+
+@dataclass(frozen=True, slots=True)
+class PackGroup:
+    """Consecutive packs first .. first+n-1, flat: their tokens and masks back to back (views of the files)."""
+
+    first: int  # index of the group's first pack
+    ids: np.ndarray  # (T,) in the token dtype
+    mask: np.ndarray  # (T,) uint8
+    seq_lens: np.ndarray  # (n_samples,) int64, pack by pack
+    samples_per_pack: np.ndarray  # (n,) int64
+
+    @property
+    def doc_index(self) -> np.ndarray:
+        """[0, end of pack 0, ...] into seq_lens."""
+        return cumulative_ends(self.samples_per_pack, leading_zero=True)
 
 
 class PackedDataset:
@@ -56,6 +74,23 @@ class PackedDataset:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    def groups(self, max_tokens: int = 1 << 22) -> Iterator[PackGroup]:
+        """All packs in order, as groups of whole consecutive packs of about `max_tokens` tokens (one pack alone
+        may be more): memory is bounded by the group, whatever the build's size."""
+        tok, mask = self.tokens, self.loss_mask
+        lens, docs = tok.sequence_lengths, tok.document_indices
+        ends = cumulative_ends(lens, leading_zero=True)  # token offset of each sequence start, and the total
+        pack_end = ends[docs[1:]]  # token offset after each pack
+        d = 0
+        while d < len(self):
+            t0 = int(ends[docs[d]])
+            d1 = min(max(d + 1, int(np.searchsorted(pack_end, t0 + max_tokens, side="right"))), len(self))
+            t1 = int(pack_end[d1 - 1])
+            yield PackGroup(first=d, ids=tok.read(t0 * tok.dtype.itemsize, t1 - t0), mask=mask.read(t0, t1 - t0),
+                            seq_lens=lens[docs[d] : docs[d1]].astype(np.int64),
+                            samples_per_pack=np.diff(docs[d : d1 + 1]))
+            d = d1
 
     def actual_seq_len(self, i: int) -> list[int]:
         return actual_seq_len(self.doc_lens(i))

@@ -7,7 +7,8 @@
         mask = out.dataset("_loss_mask", np.uint8)       # PREFIX_loss_mask.bin / .idx
         out.add_rejects([...])                           # PREFIX.rejects.jsonl, only if any record was skipped
         ...
-        manifest = out.commit(lambda files: {...})       # files: name -> {bytes, sha256}
+        shard = out.file("OUT/part-0.parquet")           # any other file, written to a temporary path
+        manifest = out.commit(lambda files: {...})       # files: path (relative to PREFIX.json) -> {bytes, sha256}
 
 Until `commit` every byte goes to temporary files next to the targets, and an earlier output at the prefix is
 untouched; leaving the `with` block without a commit removes them. `commit`:
@@ -15,8 +16,8 @@ untouched; leaving the `with` block without a commit removes them. `commit`:
     2. builds the manifest from those checksums (so the renames below are the only unprotected window);
     3. removes the earlier manifest and rejects file, so old and new files are never taken together for a
        complete output;
-    4. renames the data into place, the first dataset declared last and each `.idx` after its `.bin`, then
-       the rejects file, if any record was rejected;
+    4. renames the data into place: other files (`file()`) first, then the datasets, the first declared last
+       and each `.idx` after its `.bin`, then the rejects file, if any record was rejected;
     5. writes the manifest (atomically), whose presence means the output is complete.
 """
 
@@ -43,6 +44,7 @@ class OutputSet:
         self.prefix = os.fspath(prefix)
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._datasets: list[IndexedDatasetWriter] = []
+        self._files: dict[Path, Path] = {}  # final path -> temporary path, for outputs that are not datasets
         self.rejects_path = rejects_path(self.prefix)
         self._rejects_tmp = self.rejects_path.with_name(
             f"{self.rejects_path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
@@ -55,6 +57,15 @@ class OutputSet:
         writer = IndexedDatasetWriter(self.prefix + suffix, dtype)
         self._datasets.append(writer)
         return writer
+
+    def file(self, final: str | os.PathLike) -> Path:
+        """A temporary path to write one more output file to (e.g. a Parquet shard); renamed to `final` at commit.
+        `final` may lie in a subfolder of the prefix's folder (created here)."""
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        self._files[final] = tmp
+        return tmp
 
     def add_rejects(self, rejects: list[dict]) -> None:
         """Skipped records, one JSON object per line (a lone surrogate stays as its JSON escape)."""
@@ -89,10 +100,14 @@ class OutputSet:
         for writer in self._datasets:
             writer.finalize()
             pending |= writer.pending()
+        here = manifest_path(self.prefix).parent
+        pending |= {os.path.relpath(final, here): tmp for final, tmp in self._files.items()}
         manifest = make_manifest(file_entries(pending))
         manifest_path(self.prefix).unlink(missing_ok=True)
         if self._rejects is None:
             self.rejects_path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
+        for final, tmp in self._files.items():
+            os.replace(tmp, final)
         for writer in reversed(self._datasets):
             writer.commit()
         self.commit_rejects()
@@ -103,6 +118,8 @@ class OutputSet:
     def abort(self) -> None:
         for writer in self._datasets:
             writer.abort()
+        for tmp in self._files.values():
+            tmp.unlink(missing_ok=True)
         if self._rejects is not None and not self._rejects.closed:
             self._rejects.close()
         self._rejects_tmp.unlink(missing_ok=True)

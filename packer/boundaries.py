@@ -70,3 +70,27 @@ def row_segments(doc_lens_per_row: Sequence[Sequence[int] | np.ndarray], row_len
         if used < row_len:
             seg_lens.append(row_len - used)
     return seg_lens
+
+
+def eod_scan_agrees(ids: np.ndarray, seq_lens: np.ndarray, samples_per_pack: np.ndarray, eod_id: int) -> np.ndarray:
+    """Per pack: does a trainer that ends a segment after every EOD token (and at the pack's end) find exactly
+    the index's documents? A split chunk without EOD agrees only as the last sample of its pack.
+
+    >>> E = 9
+    >>> eod_scan_agrees(np.array([1, E, 2, 3, E, 4, E, E]), np.array([2, 3, 3]), np.array([2, 1]), E).tolist()
+    [True, False]
+    """
+    ids, seq_lens = np.asarray(ids), np.asarray(seq_lens, dtype=np.int64)
+    counts = np.asarray(samples_per_pack, dtype=np.int64)
+    if counts.size == 0:
+        return np.zeros(0, dtype=bool)
+    is_eod = ids == eod_id
+    expected = np.zeros(ids.size, dtype=bool)
+    last = np.cumsum(seq_lens) - 1  # each sample's last token
+    expected[last[seq_lens > 0]] = True
+    pack_last = last[np.cumsum(counts) - 1]  # each pack's last token: a boundary for the scan either way
+    expected[pack_last] = is_eod[pack_last]
+    wrong = (is_eod != expected).astype(np.int64)
+    starts = pack_tokens(seq_lens, cumulative_ends(counts, leading_zero=True))
+    starts = np.cumsum(starts) - starts
+    return np.add.reduceat(wrong, starts) == 0 if ids.size else np.ones(counts.size, dtype=bool)

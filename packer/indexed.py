@@ -120,7 +120,8 @@ class IndexedDatasetWriter:
             w.commit()     # renamed into place: .bin first, .idx last
     """
 
-    def __init__(self, prefix: str | os.PathLike, dtype: type[np.number]):
+    def __init__(self, prefix: str | os.PathLike, dtype: type[np.number], min_value: int = 0):
+        """`min_value`: the smallest value accepted (token ids are >= 0; labels with -100 need a signed dtype)."""
         self.prefix = os.fspath(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
@@ -137,6 +138,7 @@ class IndexedDatasetWriter:
         self._doc_ends.append(0)
         self._doc_ends_last = 0
         self._max_id = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
+        self._min_id = max(min_value, np.iinfo(self.dtype).min) if self.dtype.kind in "iu" else None
         self.tokens = 0
         self._finalized = False
         self._committed = False
@@ -146,7 +148,7 @@ class IndexedDatasetWriter:
         ids = np.asarray(ids)
         if ids.ndim != 1:
             raise ValueError(f"a sequence must be 1-D, got shape {ids.shape}")
-        if ids.size and self._max_id is not None and (ids.max() > self._max_id or ids.min() < 0):
+        if ids.size and self._max_id is not None and (ids.max() > self._max_id or ids.min() < self._min_id):
             raise ValueError(f"token id out of range for {self.dtype}: [{ids.min()}, {ids.max()}]")
         self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
         self._lengths.append(ids.size)
@@ -160,7 +162,8 @@ class IndexedDatasetWriter:
             raise ValueError(f"lengths sum to {lengths.sum()} but {len(flat_ids)} ids were given")
         if lengths.size and lengths.min() < 0:
             raise ValueError(f"sequence lengths must be >= 0, got {lengths.min()}")
-        if flat_ids.size and self._max_id is not None and (flat_ids.max() > self._max_id or flat_ids.min() < 0):
+        if flat_ids.size and self._max_id is not None and (flat_ids.max() > self._max_id
+                                                           or flat_ids.min() < self._min_id):
             raise ValueError(f"token id out of range for {self.dtype}: [{flat_ids.min()}, {flat_ids.max()}]")
         self._bin.write(flat_ids.astype(self.dtype, copy=False).tobytes())
         self._lengths.extend(lengths.astype(np.int32))

@@ -52,9 +52,9 @@ class OutputSet:
         self.rejected = 0
         self.committed = False
 
-    def dataset(self, suffix: str, dtype: type[np.number] | np.dtype) -> IndexedDatasetWriter:
-        """A new `.bin/.idx` pair at PREFIX + suffix."""
-        writer = IndexedDatasetWriter(self.prefix + suffix, dtype)
+    def dataset(self, suffix: str, dtype: type[np.number] | np.dtype, min_value: int = 0) -> IndexedDatasetWriter:
+        """A new `.bin/.idx` pair at PREFIX + suffix (values >= min_value)."""
+        writer = IndexedDatasetWriter(self.prefix + suffix, dtype, min_value)
         self._datasets.append(writer)
         return writer
 

@@ -1,0 +1,117 @@
+"""`packer export --to bridge`, read back by Megatron-Bridge's own reader (../shared/peers/megatron_bridge).
+
+For every pack, what Bridge's collate_fn hands the model must equal what packer's reader says: per sample
+(1-token samples left out) tokens = ids[:-1], labels = ids[1:], loss = packer's mask of the label token,
+positions 0..len-2; rows padded with the EOD id to Bridge's collate length.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from packer.dataset import PackedDataset
+from packer.export import ExportConfig, export
+
+from .conftest import ALPACA, MOSS
+
+PEERS = Path(__file__).resolve().parents[2].parent / "shared" / "peers"
+DRIVER = PEERS / "megatron_bridge" / "read_export.py"
+
+
+def bridge_reads(path: str, *flags: str) -> list[dict]:
+    if not DRIVER.is_file():
+        pytest.skip(f"Megatron-Bridge's reader is not at {DRIVER} (../shared/peers lives next to the repo)")
+    pytest.importorskip("megatron.core", reason="the Megatron-Bridge reader needs megatron-core")
+    out = Path(path + ".driver.jsonl")
+    proc = subprocess.run([sys.executable, str(DRIVER), path, *flags, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def expected_row(pack) -> dict:
+    tokens, labels, loss, positions, cu = [], [], [], [], [0]
+    for d in np.split(np.arange(pack.ids.size), np.cumsum(pack.doc_lens)[:-1]):
+        if d.size < 2:
+            continue
+        tokens += pack.ids[d[:-1]].tolist()
+        labels += pack.ids[d[1:]].tolist()
+        loss += pack.loss_mask[d[1:]].tolist()
+        positions += list(range(d.size - 1))
+        cu.append(cu[-1] + d.size - 1)
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss, "position_ids": positions, "cu": cu}
+
+
+def check(source: str, records: list[dict], eos: int, seq_length: int, pad_to_max: bool = False) -> int:
+    ds = PackedDataset(source)
+    rows = [expected_row(p) for p in ds]
+    rows = [r for r in rows if r["tokens"]]
+    n = 0
+    for rec in records:
+        want = [rows[i] for i in rec["rows"]]
+        longest = max(len(w["tokens"]) for w in want)
+        T = seq_length if pad_to_max else min(seq_length, -(-longest // 16) * 16)
+        for j, w in enumerate(want):
+            pad = T - len(w["tokens"])
+            assert rec["tokens"][j] == w["tokens"] + [eos] * pad
+            assert rec["labels"][j] == w["labels"] + [eos] * pad
+            assert rec["loss_mask"][j] == w["loss_mask"] + [0] * pad
+            assert rec["position_ids"][j] == w["position_ids"] + [0] * pad
+            assert rec["token_count"][j] == len(w["tokens"])
+            cu = w["cu"] + ([T] if pad else [])
+            got = rec["cu_seqlens_q"][j]
+            assert got[: len(cu)] == cu and set(got[len(cu):]) <= {cu[-1]}  # ragged rows repeat the last value
+            assert rec["cu_seqlens_kv"][j] == got
+            n += 1
+    assert n == len(rows)
+    return n
+
+
+@pytest.fixture
+def alpaca(real_build) -> str:
+    return real_build("alpaca", ALPACA, seq_length=1024, on_error="skip")
+
+
+def test_bridge_reads_exactly_the_packs(alpaca, tmp_path):
+    m = export(ExportConfig(alpaca, "bridge", str(tmp_path / "br")))
+    eos = m["bridge"]["eos_id"]
+    table = pq.read_table(tmp_path / "br.idx.parquet")
+    assert table.schema.names == ["input_ids", "loss_mask", "seq_start_id"]
+    assert table.schema.field("loss_mask").type.value_type == pa.int8()
+    assert table.num_rows == len(PackedDataset(alpaca))
+    check(alpaca, bridge_reads(str(tmp_path / "br.idx.parquet"), "--eos-id", str(eos), "--seq-length", "1024"),
+          eos, 1024)
+    meta = json.loads((tmp_path / "br_metadata.jsonl").read_text())
+    assert isinstance(meta, list) and meta[0]["pack_size"] == 1024 and meta[0]["max_samples_per_bin"] >= 1
+    # Bridge reads pack_size from the metadata; full-length rows.
+    check(alpaca, bridge_reads(str(tmp_path / "br.idx.parquet"), "--eos-id", str(eos), "--metadata",
+                               str(tmp_path / "br_metadata.jsonl"), "--pad-to-max-length"), eos, 1024, pad_to_max=True)
+
+
+def test_bridge_collates_several_rows(real_build, tmp_path):
+    prefix = real_build("moss", MOSS, seq_length=4096, on_error="skip")
+    m = export(ExportConfig(prefix, "bridge", str(tmp_path / "br")))
+    eos = m["bridge"]["eos_id"]
+    path = str(tmp_path / "br.idx.parquet")
+    check(prefix, bridge_reads(path, "--eos-id", str(eos), "--seq-length", "4096", "--rows-per-collate", "4"),
+          eos, 4096)
+
+
+def test_single_token_samples_are_left_out(real_build, tmp_path):
+    prefix = real_build("text", ALPACA, seq_length=64, json_keys=("instruction", "output"))
+    ds = PackedDataset(prefix)
+    singles = sum(int((ds.doc_lens(i) == 1).sum()) for i in range(len(ds)))
+    assert singles
+    m = export(ExportConfig(prefix, "bridge", str(tmp_path / "br")))
+    assert m["bridge"]["single_token_samples_dropped"] == singles and m["bridge"]["warnings"]
+    eos = m["bridge"]["eos_id"]
+    check(prefix, bridge_reads(str(tmp_path / "br.idx.parquet"), "--eos-id", str(eos), "--seq-length", "64"),
+          eos, 64)

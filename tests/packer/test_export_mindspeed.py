@@ -1,0 +1,172 @@
+"""`packer export --to mindspeed`, read back by MindSpeed-LLM's own reader (../shared/peers/mindspeed_llm).
+
+For every pack, what MindSpeed-LLM would hand its model (tokens, labels, loss mask, position ids, the
+actual_seq_len its GPTModel wrapper passes to the kernel) must equal what packer's own reader says: the pack's
+samples (1-token samples last), padding, labels = target token ids with every sample's first token ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from packer.dataset import PackedDataset
+from packer.export import ExportConfig, ExportError, export
+from packer.indexed import IndexedDataset
+from packer.verify import verify
+
+from .conftest import ALPACA
+
+PEERS = Path(__file__).resolve().parents[2].parent / "shared" / "peers"
+DRIVER = PEERS / "mindspeed_llm" / "read_export.py"
+
+
+def mindspeed_reads(prefix: str, *flags: str) -> list[dict]:
+    """MindSpeed-LLM's packed-SFT data path on the export at `prefix`: one record per micro-batch of size 1."""
+    if not DRIVER.is_file():
+        pytest.skip(f"MindSpeed-LLM's reader is not at {DRIVER} (../shared/peers lives next to the repo)")
+    pytest.importorskip("megatron.core", reason="the MindSpeed-LLM reader needs megatron-core")
+    pytest.importorskip("transformers", reason="the MindSpeed-LLM reader needs transformers")
+    out = Path(prefix + ".driver.jsonl")
+    proc = subprocess.run([sys.executable, str(DRIVER), prefix, *flags, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def expected_pack(pack, seq_length: int, pad_id: int, multiple: int | None = None) -> dict:
+    """What MindSpeed must see for one pack, from packer's reader alone."""
+    docs = np.split(np.arange(pack.ids.size), np.cumsum(pack.doc_lens)[:-1])
+    docs = [d for d in docs if d.size > 1] + [d for d in docs if d.size == 1]
+    tokens, labels, positions, ends = [], [], [], []
+    for d in docs:
+        tokens += pack.ids[d].tolist()
+        labels += [-100] + [int(pack.ids[t]) if pack.loss_mask[t] else -100 for t in d[1:]]
+        positions += list(range(d.size))
+        if d.size > 1:
+            ends.append(len(tokens))
+    length = seq_length if multiple is None else -(-len(tokens) // multiple) * multiple
+    pad = length - len(tokens)
+    if pad or ends[-1] != len(tokens):
+        ends.append(length)  # the padding tail (and 1-token samples before it) is the last segment
+    return {"tokens": tokens + [pad_id] * pad, "labels": labels + [-100] * pad, "position_ids": positions + [0] * pad,
+            "loss_mask": [int(x != -100) for x in labels + [-100] * pad], "actual_seq_len_model": ends}
+
+
+def check_against_packer(source: str, records: list[dict], pad_id: int, multiple: int | None = None) -> None:
+    ds = PackedDataset(source)
+    assert len(records) == len(ds)
+    for rec in records:
+        (p,) = rec["packs"]
+        want = expected_pack(ds[p], ds.seq_length, pad_id, multiple)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert rec[key][0] == want[key], (p, key)
+        assert rec["actual_seq_len_model"] == want["actual_seq_len_model"], p
+        assert not rec["warnings"], (p, rec["warnings"])
+
+
+@pytest.fixture
+def alpaca(real_build) -> str:
+    return real_build("alpaca", ALPACA, seq_length=1024, on_error="skip")
+
+
+def test_neat_pack_equals_packer(alpaca, tmp_path):
+    m = export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "ms")))
+    section = m["mindspeed"]
+    assert section["convention"] == "neat-pack" and not section["warnings"]
+    assert "--neat-pack" in section["mindspeed_flags"]
+    assert {Path(f).name for f in m["files"]} == {f"ms_packed_{f}_document.{e}" for f in
+                                                 ("input_ids", "labels", "attention_mask") for e in ("bin", "idx")}
+    ds = PackedDataset(alpaca)
+    records = mindspeed_reads(str(tmp_path / "ms"), "--neat-pack", "--reset-position-ids")
+    check_against_packer(alpaca, records, ds.pad_id)
+    # Every target of the build that MindSpeed can train on is there: all but samples' first tokens.
+    first_targets = sum(int(p.loss_mask[np.cumsum(p.doc_lens) - p.doc_lens].sum()) for p in ds)
+    assert section["summary"]["target_tokens"] == ds.manifest["counts"]["target_tokens"] - first_targets
+    assert sum(sum(r["loss_mask"][0]) for r in records) == section["summary"]["target_tokens"]
+
+
+def test_eod_boundaries_equal_packer(alpaca, tmp_path):
+    m = export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "ms"), neat_pack=False))
+    assert m["mindspeed"]["convention"] == "eod" and not m["mindspeed"]["warnings"]
+    eod = m["mindspeed"]["eos_id"]
+    assert m["mindspeed"]["pad_id"] == eod  # the padding tail is then one segment, as with neat-pack
+    records = mindspeed_reads(str(tmp_path / "ms"), "--reset-position-ids", "--eos-id", str(eod))
+    check_against_packer(alpaca, records, eod)
+
+
+def test_pad_to_multiple_of(alpaca, tmp_path):
+    export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "ms"), pad_to_multiple_of=64))
+    lens = IndexedDataset(str(tmp_path / "ms") + "_packed_input_ids_document").sequence_lengths
+    assert (lens % 64 == 0).all() and lens.max() <= 1024 and lens.min() < 1024
+    records = mindspeed_reads(str(tmp_path / "ms"), "--neat-pack", "--reset-position-ids", "--no-pad-to-seq-lengths",
+                              "--pad-to-multiple-of", "64", "--seq-length", "1024")
+    check_against_packer(alpaca, records, PackedDataset(alpaca).pad_id, multiple=64)
+
+
+def test_single_token_samples_never_fold_later_samples(real_build, tmp_path):
+    """`--overflow split` can leave a chunk that is a lone EOD; MindSpeed folds every segment after a 1-token one
+    into one, so the export puts such samples last in their pack, next to the padding."""
+    prefix = real_build("text", ALPACA, seq_length=64, json_keys=("instruction", "output"))
+    ds = PackedDataset(prefix)
+    singles = [i for i in range(len(ds)) if (ds.doc_lens(i) == 1).any() and ds.doc_lens(i).size > 2]
+    assert singles, "the fixture should hold packs with a 1-token sample among others"
+    m = export(ExportConfig(prefix, "mindspeed", str(tmp_path / "ms")))
+    assert m["mindspeed"]["single_token_samples_placed_last"] >= len(singles)
+    check_against_packer(prefix, mindspeed_reads(str(tmp_path / "ms"), "--neat-pack", "--reset-position-ids"),
+                         ds.pad_id)
+
+
+def test_eod_boundaries_fall_back_when_the_scan_would_lie(real_build, tmp_path):
+    """Split chunks carry no EOD: MindSpeed's EOD scan would find no boundary after them."""
+    prefix = real_build("text", ALPACA, seq_length=64, json_keys=("instruction", "output"))
+    m = export(ExportConfig(prefix, "mindspeed", str(tmp_path / "ms"), neat_pack=False))
+    section = m["mindspeed"]
+    assert section["convention"] == "neat-pack" and section["requested"] == "eod"
+    assert "split chunks do not end with EOD" in section["warnings"][0]
+    mask = IndexedDataset(str(tmp_path / "ms") + "_packed_attention_mask_document")
+    assert mask.get(0).max() >= 1 and mask.get(0).min() >= 0  # segment numbers, not all-ones
+
+
+def test_refuses_a_build_that_fails_verify(alpaca, copy_build, tmp_path):
+    bad = copy_build(alpaca)
+    with open(bad + ".bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert not verify(bad).ok
+    out = tmp_path / "out" / "ms"
+    with pytest.raises(ExportError, match="fails `packer verify` .*sha256"):
+        export(ExportConfig(bad, "mindspeed", str(out)))
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+
+
+def test_missing_build_is_a_clean_error(tmp_path):
+    with pytest.raises(ExportError, match="did not complete|does not exist"):
+        export(ExportConfig(str(tmp_path / "nothing"), "mindspeed", str(tmp_path / "ms")))
+
+
+def test_interrupted_export_leaves_nothing_that_looks_valid(alpaca, tmp_path, monkeypatch):
+    import packer.export.mindspeed as ms
+
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = ms.unshifted_labels
+    monkeypatch.setattr(ms, "unshifted_labels", boom)
+    monkeypatch.setattr(PackedDataset, "groups", lambda self, max_tokens=1 << 22, f=PackedDataset.groups:
+                        f(self, 4096))
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "ms")))
+    assert list(tmp_path.iterdir()) == []

@@ -41,6 +41,10 @@ class AlpacaHandler(ReadsFields):
     name: str = "alpaca"
     default_overflow: str = "truncate"
 
+    @property
+    def template_text(self) -> str:
+        return self.template.text
+
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
         instruction = self.columns.text(record, "instruction")
         input_text = self.columns.text(record, "input", required=False)

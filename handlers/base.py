@@ -55,6 +55,12 @@ class Handler(Protocol):
         """The input columns the handler reads (after --map-keys); a reader may leave every other one out."""
         ...
 
+    @property
+    def template_text(self) -> str:
+        """Every piece of text the handler's template writes around the record's own text ("" for none), so the
+        pipeline can tell template text from record text (e.g. a turn terminator used as EOD)."""
+        ...
+
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]: ...
 
 
@@ -107,6 +113,10 @@ class ReadsFields:
     @property
     def input_columns(self) -> frozenset[str]:
         return self.columns.of(self.fields)
+
+    @property
+    def template_text(self) -> str:
+        return ""
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,10 @@ class BelleHandler(ReadsFields):
     name: str = "belle"
     default_overflow: str = "truncate"
 
+    @property
+    def template_text(self) -> str:
+        return self.prompt.replace("{query}", "\n")
+
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
         instruction = self.columns.text(record, "instruction")
         query = instruction + (self.columns.text(record, "input", required=False) or "")

@@ -46,6 +46,13 @@ class ChatTemplate:
         None  # default when the record has an input (Alpaca's preamble differs)
     )
 
+    @property
+    def text(self) -> str:
+        """All the literal text this template can write, placeholders removed."""
+        parts = (self.user, self.system, self.first_user or "", self.end, self.sep, self.input_sep,
+                 self.default_system or "", self.default_system_input or "")
+        return "\n".join(p.replace("{query}", "").replace("{system}", "") for p in parts)
+
     def query(self, instruction: str, input_text: str | None) -> str:
         return instruction + self.input_sep + input_text if input_text else instruction
 

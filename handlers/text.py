@@ -32,6 +32,10 @@ class TextHandler:
     def input_columns(self) -> frozenset[str]:
         return self.columns.of(self.keys)
 
+    @property
+    def template_text(self) -> str:
+        return SEPARATOR
+
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
         if len(self.keys) == 1:  # fast path for the common case; anything unusual takes the checked path
             value = record.get(self.columns.column(self.keys[0])) if isinstance(record, Mapping) else None

@@ -88,9 +88,9 @@ def eod_scan_agrees(ids: np.ndarray, seq_lens: np.ndarray, samples_per_pack: np.
     expected = np.zeros(ids.size, dtype=bool)
     last = np.cumsum(seq_lens) - 1  # each sample's last token
     expected[last[seq_lens > 0]] = True
-    pack_last = last[np.cumsum(counts) - 1]  # each pack's last token: a boundary for the scan either way
+    tokens = pack_tokens(seq_lens, cumulative_ends(counts, leading_zero=True))
+    bounds = cumulative_ends(tokens, leading_zero=True)  # token offsets of the packs
+    pack_last = bounds[1:][tokens > 0] - 1  # each non-empty pack's last token: a boundary for the scan either way
     expected[pack_last] = is_eod[pack_last]
-    wrong = (is_eod != expected).astype(np.int64)
-    starts = pack_tokens(seq_lens, cumulative_ends(counts, leading_zero=True))
-    starts = np.cumsum(starts) - starts
-    return np.add.reduceat(wrong, starts) == 0 if ids.size else np.ones(counts.size, dtype=bool)
+    wrong = cumulative_ends((is_eod != expected).astype(np.int64), leading_zero=True)
+    return wrong[bounds[1:]] - wrong[bounds[:-1]] == 0

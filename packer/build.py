@@ -21,7 +21,7 @@ from packer.config import BuildConfig, BuildError
 from packer.encode import Counters, RecordEncoder
 from packer.manifest import FORMAT, LOSS_MASK_SUFFIX
 from packer.output import OutputSet
-from packer.packing import PackStats, pack
+from packer.packing import pack
 from packer.pool import encoded_chunks
 from packer.sources import check_inputs, count_records, read_batches
 from packer.spill import SampleSpill
@@ -64,7 +64,7 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
           encoded_chunks(config, batches, main) as chunks,
           tqdm(total=total, unit="rec", desc="tokenize", disable=not progress, dynamic_ncols=True,
                smoothing=0.1) as bar):
-        writer = PackWriter(out.dataset("", main.dtype), out.dataset(LOSS_MASK_SUFFIX, "uint8"))
+        writer = PackWriter(out.dataset("", main.dtype), out.dataset(LOSS_MASK_SUFFIX, "uint8"), main.info.eod_id)
 
         def encoded():
             for chunk in chunks:
@@ -104,7 +104,7 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
 
         def make_manifest(files: dict[str, dict]) -> dict[str, Any]:
             seconds["total"] = time.perf_counter() - t0  # the data is finalized and checksummed by now
-            return _manifest(config, main, counters, writer.stats, seconds, files)
+            return _manifest(config, main, counters, writer, seconds, files)
 
         manifest = out.commit(make_manifest)
     p = manifest["packing"]
@@ -112,8 +112,23 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
                        manifest)
 
 
-def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, stats: PackStats,
+def eod_summary(encoder: RecordEncoder, c: Counters) -> dict[str, Any]:
+    """The manifest's `eod` section: which token ends samples, why, and where else it occurs."""
+    info = encoder.info
+    cause = None
+    if c.interior_eod:
+        if info.eod_token in encoder.handler.template_text:
+            cause = (f"template text: the {encoder.handler.name} template writes {info.eod_token!r} "
+                     f"(--template {encoder.config.template or 'default'}) inside every sample")
+        else:
+            cause = f"record text: records spell {info.eod_token!r}, which the tokenizer reads as the token itself"
+    return {"token": info.eod_token, "id": info.eod_id, "source": info.eod_source, "reason": info.eod_reason,
+            "interior": c.interior_eod, "interior_cause": cause}
+
+
+def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, writer: PackWriter,
               seconds: dict[str, float], files: dict[str, dict]) -> dict[str, Any]:
+    stats = writer.stats
     cfg = asdict(config)
     cfg["inputs"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.inputs]
     cfg["overflow_effective"] = encoder.overflow
@@ -127,6 +142,8 @@ def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, stats: P
         "token_dtype": encoder.dtype.name,
         "counts": asdict(c) | {"packs": stats.packs},
         "packing": stats.manifest(config.packing_name, config.seq_length),
+        "eod": eod_summary(encoder, c),
+        "eod_scan": {"agrees": writer.eod_agree, "packs": stats.packs},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "files": files,
     }

@@ -186,20 +186,30 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         click.echo(json.dumps({k: result.manifest[k] for k in ("counts", "packing", "seconds")}, indent=2))
         return
     c = result.counters
+    m = result.manifest
+    tok, eod = m["tokenizer"], m["eod"]
+    bos = "none" if tok["bos_id"] is None else f"id {tok['bos_id']}"
+    template = m["config"]["template"] or "default"
     click.echo(
         f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}_loss_mask.{{bin,idx}}\n"
+        f"  tokenizer {tok['path']}  EOD {eod['token']!r} (id {eod['id']}, {eod['source']})  BOS {bos}  "
+        f"handler {m['config']['handler']}, template {template}\n"
         f"  records {c.records:,}  skipped {c.skipped:,}  samples {c.samples:,}  tokens {c.tokens:,} "
         f"(targets {c.target_tokens:,})\n"
-        f"  packs {result.num_packs:,} (lower bound {result.lower_bound:,})  efficiency {result.efficiency:.2%}\n"
-        f"  overflow ({result.manifest['config']['overflow_effective']}): truncated {c.truncated:,}  "
+        f"  packs {result.num_packs:,} (lower bound {result.lower_bound:,})  efficiency {result.efficiency:.2%}  "
+        f"EOD scan agrees with the index on {m['eod_scan']['agrees']:,}/{m['eod_scan']['packs']:,} packs\n"
+        f"  overflow ({m['config']['overflow_effective']}): truncated {c.truncated:,}  "
         f"split {c.split:,}  dropped {c.dropped:,}  dropped without target {c.dropped_no_target:,}\n"
         f"  {result.seconds['total']:.1f}s ({c.tokens / max(result.seconds['tokenize'], 1e-9):,.0f} tokens/s "
         "tokenizing)"
         + (f"\n  skipped records written to {result.prefix}.rejects.jsonl" if c.skipped else "")
     )
+    if eod["source"] == "document-end token":
+        click.echo(f"note: EOD is {eod['token']!r}, not the config's eos_token: {eod['reason']}", err=True)
     if c.interior_eod:
-        click.echo(f"warning: {c.interior_eod:,} EOD ids occur inside samples: the record text contains the EOD "
-                   "token's string, which the tokenizer parses as the token itself", err=True)
+        click.echo(f"warning: {c.interior_eod:,} EOD ids occur inside samples, from {eod['interior_cause']}; an EOD "
+                   "scan (Megatron --reset-position-ids, MindSpeed without --neat-pack) would cut those samples, "
+                   "the index does not; `packer export` then uses explicit boundaries", err=True)
 
 
 def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[int, int, str]:
@@ -295,7 +305,8 @@ def verify(prefix: str, no_checksums: bool) -> None:
             click.echo(f"error: {e}", err=True)
         raise SystemExit(1)
     s = rep.stats
-    click.echo(f"OK {prefix}: {s['packs']:,} packs, {s['samples']:,} samples, {s['tokens']:,} tokens")
+    click.echo(f"OK {prefix}: {s['packs']:,} packs, {s['samples']:,} samples, {s['tokens']:,} tokens; EOD scan "
+               f"agrees with the index on {s['eod_scan']['agrees']:,}/{s['eod_scan']['packs']:,} packs")
 
 
 @main.command()

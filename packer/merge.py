@@ -110,6 +110,9 @@ def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[di
         "token_dtype": first["token_dtype"],
         "counts": counts,
         "packing": stats.manifest(algorithm, first["config"]["seq_length"]),
+        "eod": (first.get("eod") or {}) | {"interior": counts.get("interior_eod", 0)},
+        "eod_scan": {"agrees": sum(m.get("eod_scan", {}).get("agrees", 0) for m in manifests),
+                     "packs": stats.packs},
         "seconds": {},
         "files": files,
     }

@@ -31,8 +31,14 @@ from tokenizers import Tokenizer
 
 from packer.records import Sample, Segment
 
-# Tried in order when neither --eod-token nor tokenizer_config.json's eos_token names the EOD.
-WELL_KNOWN_EOD = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<eos>", "<|end|>", "[SEP]")
+# Tokens that end a DOCUMENT, tried in order (before any turn terminator) when the tokenizer's own eos_token does
+# not settle the EOD.
+DOCUMENT_END = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|end_of_document|>")
+# Tokens that end a chat TURN: a template writes them inside every multi-turn sample, so as the EOD they would
+# make every trainer that finds boundaries by scanning for EOD cut samples after each turn.
+TURN_END = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>",
+            "<|END_OF_TURN_TOKEN|>")
+WELL_KNOWN_EOD = (*DOCUMENT_END, *TURN_END, "[SEP]")
 
 
 class TokenizerError(ValueError):
@@ -46,9 +52,11 @@ class TokenizerInfo:
     vocab_size: int
     eod_token: str
     eod_id: int
-    eod_source: str  # "--eod-token" | "tokenizer_config.json" | "well-known"
+    eod_source: str  # "--eod-token" | "tokenizer_config.json" | "document-end token" | "well-known"
     bos_id: int | None  # the BOS the post-processor adds, if any
     pad_id: int | None
+    eod_reason: str = ""  # why this EOD, in words (the manifest and the build summary show it)
+    eod_special: bool = False  # the EOD is a special token: text that ends with it already ends the sample
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -97,22 +105,7 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tup
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{config_file}: invalid JSON ({e})") from e
 
-    if eod_token is not None:
-        eod_id = _token_id(tokenizer, eod_token)
-        if eod_id is None:
-            raise TokenizerError(f"--eod-token {eod_token!r} is not in the vocabulary of {file}")
-        source = "--eod-token"
-    elif (tok := _config_token(config, "eos_token")) and _token_id(tokenizer, tok) is not None:
-        eod_token, eod_id, source = tok, _token_id(tokenizer, tok), "tokenizer_config.json"
-    else:
-        found = next((t for t in WELL_KNOWN_EOD if _token_id(tokenizer, t) is not None), None)
-        if found is None:
-            raise TokenizerError(
-                f"cannot tell the end-of-document token of {file}: no tokenizer_config.json eos_token and none of "
-                f"{', '.join(WELL_KNOWN_EOD)} is in the vocabulary; pass --eod-token TOKEN"
-            )
-        eod_token, eod_id, source = found, _token_id(tokenizer, found), "well-known"
-
+    eod_token, eod_id, source, reason = _choose_eod(tokenizer, config, eod_token, file)
     bos_id = _post_processor_bos(tokenizer)
     if bos_id is None and (tok := _config_token(config, "bos_token")) and config.get("add_bos_token"):
         # A config asking for BOS that the post-processor does not add: we honour it ourselves.
@@ -128,8 +121,76 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tup
         eod_source=source,
         bos_id=bos_id,
         pad_id=pad_id,
+        eod_reason=reason,
+        eod_special=_is_special(tokenizer, int(eod_id)),
     )
     return tokenizer, info
+
+
+def _is_special(tokenizer: Tokenizer, token_id: int) -> bool:
+    added = tokenizer.get_added_tokens_decoder().get(token_id)
+    return bool(added is not None and added.special)
+
+
+def _template_ends_turns_with(config: dict, token: str) -> bool:
+    """Does tokenizer_config.json's chat template write `token` after turns (not only once, at the end)?
+    Found by rendering a two-turn conversation; a template that does not render is judged by its text."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # the named form: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict)
+                         and t.get("name") == "default"), None) or next(
+            (t.get("template") for t in template if isinstance(t, dict)), None)
+    if not isinstance(template, str) or not template:
+        return False
+    turns = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+             {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        text = env.from_string(template).render(
+            messages=turns, add_generation_prompt=False, eos_token=token,
+            bos_token=_config_token(config, "bos_token") or "")
+    except Exception:  # an unusual template: fall back to what its text says
+        return token in template or "eos_token" in template
+    return text.count(token) >= 2 or (token in text and not text.rstrip().endswith(token))
+
+
+def _choose_eod(tokenizer: Tokenizer, config: dict, forced: str | None, file: Path) -> tuple[str, int, str, str]:
+    """(EOD token, id, source, reason). The EOD must end DOCUMENTS: an eos_token that also ends chat turns (a
+    turn terminator, or written by the chat template) gives way to the tokenizer's document-end token."""
+    if forced is not None:
+        eod_id = _token_id(tokenizer, forced)
+        if eod_id is None:
+            raise TokenizerError(f"--eod-token {forced!r} is not in the vocabulary of {file}")
+        return forced, eod_id, "--eod-token", "given by --eod-token"
+    eos = _config_token(config, "eos_token")
+    if eos is not None and _token_id(tokenizer, eos) is not None:
+        writes_eos = _template_ends_turns_with(config, eos)
+        if eos in TURN_END or writes_eos:
+            why = "ends chat turns (" + ("its chat template writes it after turns" if writes_eos
+                                         else "a turn terminator") + ")"
+            for doc_end in DOCUMENT_END:
+                doc_id = _token_id(tokenizer, doc_end)
+                if doc_end != eos and doc_id is not None and _is_special(tokenizer, doc_id):
+                    return doc_end, doc_id, "document-end token", (
+                        f"tokenizer_config.json's eos_token {eos!r} {why}; {doc_end!r} ends documents")
+            return eos, _token_id(tokenizer, eos), "tokenizer_config.json", (
+                f"tokenizer_config.json's eos_token; it also {why} and the vocabulary has no other document-end "
+                "token, so EOD ids inside multi-turn samples are expected (the index still has every boundary)")
+        return eos, _token_id(tokenizer, eos), "tokenizer_config.json", "tokenizer_config.json's eos_token"
+    found = next((t for t in WELL_KNOWN_EOD if _token_id(tokenizer, t) is not None), None)
+    if found is None:
+        raise TokenizerError(
+            f"cannot tell the end-of-document token of {file}: no tokenizer_config.json eos_token and none of "
+            f"{', '.join(WELL_KNOWN_EOD)} is in the vocabulary; pass --eod-token TOKEN"
+        )
+    return found, _token_id(tokenizer, found), "well-known", f"no eos_token in a tokenizer_config.json; {found!r} " \
+        "is the first well-known end token in the vocabulary"
 
 
 def _post_processor_bos(tokenizer: Tokenizer) -> int | None:
@@ -267,11 +328,12 @@ class SampleEncoder:
                 starts = np.cumsum(lengths) - lengths
         # Exactly one EOD ends every sample, and it is a target.
         last = starts + lengths - 1
-        # The post-processor already ended it. Only an *added* EOD counts: a text token that happens to be the
-        # EOD id (an ordinary --eod-token such as "!") is content and still gets its EOD after it.
+        # Already ended: by the post-processor, or by the text itself when the EOD is a special token (a template
+        # whose turns end with it, e.g. chatml with --eod-token '<|im_end|>': never doubled). A text token that
+        # merely has the EOD id (an ordinary --eod-token such as "!") is content and still gets its EOD after it.
         if ids.size:
             at = np.maximum(last, 0)
-            ended = (lengths > 0) & (ids[at] == eod) & added[at]
+            ended = (lengths > 0) & (ids[at] == eod) & (added[at] | self.info.eod_special)
         else:  # a batch of empty texts
             ended = np.zeros(n, dtype=bool)
         mask[last[ended]] = 1

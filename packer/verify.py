@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from packer.boundaries import eod_scan_agrees
 from packer.boundaries import pack_tokens as tokens_per_pack
+from packer.dataset import PackedDataset
 from packer.indexed import IndexedDataset
 from packer.manifest import loss_mask_prefix, manifest_path, output_files, read_manifest, sha256_file
 from packer.packing import efficiency, lower_bound
@@ -110,7 +112,9 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         rep.errors.append(f"{int((pack_tokens > seq_length).sum())} packs exceed --seq-length {seq_length}")
 
     ends = np.cumsum(lens)
-    not_eod = bad_ids = bad_mask = eod_untrained = targets = interior_eod = 0
+    pack_last = np.zeros(lens.size, dtype=bool)  # is sample i the last of its pack
+    pack_last[docs[1:][np.diff(docs) > 0] - 1] = True
+    not_eod = bad_ids = bad_mask = eod_untrained = targets = interior_eod = glued = 0
     for a in range(0, lens.size, _CHUNK_SEQS):
         b = min(a + _CHUNK_SEQS, lens.size)
         t0, t1 = int(ends[a] - lens[a]), int(ends[b - 1])
@@ -118,16 +122,21 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         m = mask.read(t0, t1 - t0)
         last = ends[a:b] - 1 - t0
         not_eod += int((ids[last] != eod).sum())
+        glued += int(((ids[last] != eod) & ~pack_last[a:b]).sum())
         interior_eod += int((ids == eod).sum()) - int((ids[last] == eod).sum())
         eod_untrained += int(((ids[last] == eod) & (m[last] != 1)).sum())
         bad_ids += int((ids.astype(np.int64) >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
         bad_mask += int((m > 1).sum())
         targets += int(m.sum())
     if interior_eod:
+        cause = (manifest.get("eod") or {}).get("interior_cause") or "the record text spelled the EOD token"
         rep.warnings.append(
-            f"{interior_eod} EOD ids occur inside samples (the record text spelled the EOD token); trainers that "
-            "find boundaries by scanning for EOD would split those samples, the index does not"
+            f"{interior_eod} EOD ids occur inside samples ({cause}); trainers that find boundaries by scanning for "
+            "EOD would split those samples, the index does not (`packer export` uses explicit boundaries then)"
         )
+    if glued:
+        rep.errors.append(f"{glued} samples without EOD (split chunks) are followed by another sample in their pack, "
+                          "so an EOD scan would merge them with it; a split chunk must end its pack")
     if not_eod > counts.get("unterminated", 0):
         rep.errors.append(f"{not_eod} samples do not end with EOD id {eod} "
                           f"(only {counts.get('unterminated', 0)} split chunks may)")
@@ -142,6 +151,14 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         if counts.get(key) != actual:
             rep.errors.append(f"manifest counts.{key} = {counts.get(key)} but the data has {actual}")
     rep.stats = describe(manifest, lens, pack_tokens, np.diff(docs), targets)
+    agree = 0
+    for g in PackedDataset(rep.prefix).groups():
+        agree += int(eod_scan_agrees(g.ids, g.seq_lens, g.samples_per_pack, eod).sum())
+    rep.stats["eod_scan"] = {"agrees": agree, "packs": int(tok.num_documents)}
+    claim = manifest.get("eod_scan")
+    if claim is not None and (claim.get("agrees"), claim.get("packs")) != (agree, tok.num_documents):
+        rep.errors.append(f"manifest eod_scan claims an EOD scan agrees with the index on {claim.get('agrees')}/"
+                          f"{claim.get('packs')} packs, but it does on {agree}/{tok.num_documents}")
 
 
 def describe(manifest: dict, lens: np.ndarray, pack_tokens: np.ndarray, docs_per_pack: np.ndarray,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from packer.boundaries import eod_scan_agrees
 from packer.indexed import IndexedDatasetWriter
 from packer.packing import PackPlan, PackStats
 from packer.spill import SampleSpill
@@ -18,12 +19,15 @@ from packer.window import Packs, WindowPacker
 
 
 class PackWriter:
-    """Appends whole packs to the token and loss-mask datasets and keeps their PackStats."""
+    """Appends whole packs to the token and loss-mask datasets and keeps their PackStats, and how many packs an
+    EOD scan reads exactly as the index does (`eod_scan_agrees`)."""
 
-    def __init__(self, tokens: IndexedDatasetWriter, mask: IndexedDatasetWriter):
+    def __init__(self, tokens: IndexedDatasetWriter, mask: IndexedDatasetWriter, eod_id: int):
         self.tokens, self.mask = tokens, mask
         self.dtype = tokens.dtype
+        self.eod_id = eod_id
         self.stats = PackStats()
+        self.eod_agree = 0
 
     def add(self, ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray, samples_per_pack: np.ndarray) -> None:
         """Packs of samples: their ids and masks concatenated in pack order, each sample's length, and how many
@@ -33,6 +37,7 @@ class PackWriter:
         self.mask.add_sequences(mask, seq_lens)
         self.mask.end_documents(samples_per_pack)
         self.stats.add(seq_lens, samples_per_pack)
+        self.eod_agree += int(eod_scan_agrees(ids, seq_lens, samples_per_pack, self.eod_id).sum())
 
 
 def token_positions(starts: np.ndarray, lengths: np.ndarray, extent: int) -> np.ndarray:

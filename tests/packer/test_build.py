@@ -483,3 +483,56 @@ def test_padding_saved_in_tokenizer_json_is_ignored(tmp_path, gpt2_tokenizer, he
         for fa, fb in zip(output_files(a.prefix), output_files(b.prefix), strict=True):
             if fa.suffix != ".json":
                 assert fa.read_bytes() == fb.read_bytes(), fa.name
+
+
+# -- the EOD never lies about a boundary ---------------------------------------------------------------------
+
+ALPACA_ZH = "alpaca/llamafactory_alpaca_zh_demo.json"
+
+
+def test_chat_tokenizer_eod_ends_documents_and_the_scan_agrees(real_build, helpers, tmp_path):
+    """Qwen-style: eos_token <|im_end|> is the chatml turn terminator; the EOD is <|endoftext|>, so an EOD
+    scan finds exactly the index's boundaries (1,034 false ones in 50 packs before)."""
+    prefix = real_build("alpaca", ALPACA_ZH, tokenizer="qwen2.5-instruct", template="chatml")
+    m = read_manifest(prefix)
+    assert (m["eod"]["token"], m["eod"]["source"]) == ("<|endoftext|>", "document-end token")
+    assert m["eod"]["interior"] == 0 and m["eod_scan"] == {"agrees": m["counts"]["packs"], "packs": m["counts"]["packs"]}
+    rep = verify(prefix)
+    assert rep.ok and rep.stats["eod_scan"]["agrees"] == m["counts"]["packs"] and not rep.warnings
+
+
+def test_forced_turn_terminator_eod_is_reported_with_its_cause(real_build, tmp_path):
+    prefix = real_build("alpaca", ALPACA_ZH, tokenizer="qwen2.5-instruct", template="chatml", eod_token="<|im_end|>")
+    m = read_manifest(prefix)
+    ds = PackedDataset(prefix)
+    assert m["eod"]["interior"] == m["counts"]["samples"]  # the user turn's <|im_end|>, once per sample
+    assert m["eod"]["interior_cause"].startswith("template text: the alpaca template writes '<|im_end|>'")
+    assert all(int((p.ids == ds.eod_id).sum()) == 2 * p.doc_lens.size for p in ds)  # never doubled at the end
+    assert m["eod_scan"]["agrees"] == 0
+    rep = verify(prefix)
+    assert rep.ok and "template text" in rep.warnings[0]
+    from packer.export import ExportConfig, export
+
+    section = export(ExportConfig(prefix, "mindspeed", str(tmp_path / "ms"), neat_pack=False))["mindspeed"]
+    assert section["convention"] == "neat-pack" and "EOD scan disagrees" in section["warnings"][0]
+
+
+def test_claimed_scan_agreement_is_checked(real_build, copy_build):
+    bad = copy_build(real_build("alpaca", ALPACA_ZH, tokenizer="qwen2.5-instruct", template="chatml",
+                                eod_token="<|im_end|>"))
+    m = read_manifest(bad)
+    m["eod_scan"]["agrees"] = m["eod_scan"]["packs"]  # a build that claims agreement it does not have
+    manifest_path(bad).write_text(json.dumps(m))
+    assert any("manifest eod_scan claims" in e for e in verify(bad).errors)
+
+
+def test_summary_names_tokenizer_eod_bos_and_template(tmp_path, gpt2_tokenizer, helpers):
+    from click.testing import CliRunner
+
+    from packer.cli import main
+
+    out = CliRunner().invoke(main, ["build", "--handler", "alpaca", "--tokenizer", str(gpt2_tokenizer),
+                                    "--template", "chatml", "--output-prefix", str(tmp_path / "o"), "-q"])
+    assert out.exit_code == 0, out.output
+    assert "EOD '<|endoftext|>' (id 50256, well-known)  BOS none  handler alpaca, template chatml" in out.output
+    assert "EOD scan agrees with the index on" in out.output

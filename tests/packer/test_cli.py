@@ -127,6 +127,10 @@ def test_version_and_help(runner):
 FOREIGN_FLAGS = {
     "--help": "click's own",
     "--no-build-isolation": "pip's, in the flash-attn install hint",
+    # Megatron-LM / MindSpeed-LLM training flags, quoted where we say how to train on an export
+    **dict.fromkeys(("--neat-pack", "--no-pad-to-seq-lengths", "--reset-position-ids", "--reset-attention-mask",
+                     "--data-path", "--eod-mask-loss", "--context-parallel-size", "--dataloader-fast-cache-load",
+                     "--dataloader-defer-npy-index-mmap"), "a Megatron-LM / MindSpeed-LLM flag"),
 }
 
 

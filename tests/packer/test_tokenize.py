@@ -282,3 +282,79 @@ def test_word_cache_does_not_change_ids(gpt2_tokenizer):
     tok, info = load_tokenizer(gpt2_tokenizer)
     SampleEncoder(tok, info)  # enlarges the cache
     assert [e.ids for e in tok.encode_batch(texts)] == [e.ids for e in plain.encode_batch(texts)]
+
+
+# -- the EOD ends documents, not chat turns --------------------------------------------------------------
+
+LLAMA3_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}")
+
+
+def test_turn_terminator_eos_gives_way_to_the_document_end_token(make_tokenizer):
+    """Llama-3-style: eos_token <|eot_id|> ends every turn; <|end_of_text|> ends documents."""
+    d = make_tokenizer(["<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+                       config={"eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE})
+    tok, info = load_tokenizer(d)
+    assert (info.eod_token, info.eod_source) == ("<|end_of_text|>", "document-end token")
+    assert "'<|eot_id|>' ends chat turns" in info.eod_reason and info.eod_special
+
+
+def test_template_that_writes_eos_after_turns_marks_it_a_turn_terminator(make_tokenizer):
+    template = "{% for m in messages %}<t>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    d = make_tokenizer(["<|endoftext|>", "<eos>", "<t>"], config={"eos_token": "<eos>", "chat_template": template})
+    assert load_tokenizer(d)[1].eod_token == "<|endoftext|>"
+
+
+def test_eos_written_once_at_the_end_is_a_document_end(make_tokenizer):
+    """Phi-3-style: turns end with <|end|>, eos_token only closes the whole conversation."""
+    template = "{% for m in messages %}<t>{{ m['content'] }}<|end|>{% endfor %}{{ eos_token }}"
+    d = make_tokenizer(["<|endoftext|>", "<|end|>", "<t>", "</s>"],
+                       config={"eos_token": "<|endoftext|>", "chat_template": template})
+    _, info = load_tokenizer(d)
+    assert (info.eod_token, info.eod_source, info.eod_reason) == ("<|endoftext|>", "tokenizer_config.json",
+                                                                  "tokenizer_config.json's eos_token")
+
+
+def test_turn_terminator_without_alternative_is_kept_and_said(make_tokenizer):
+    d = make_tokenizer(["<|im_end|>"], config={"eos_token": "<|im_end|>"})
+    _, info = load_tokenizer(d)
+    assert info.eod_token == "<|im_end|>" and "no other document-end token" in info.eod_reason
+
+
+@pytest.mark.parametrize(("name", "eod", "source"), [
+    ("qwen2.5-instruct", "<|endoftext|>", "document-end token"),
+    ("phi-3-mini-instruct", "<|endoftext|>", "tokenizer_config.json"),
+    ("mistral-nemo-instruct-2407", "</s>", "tokenizer_config.json"),
+    ("gpt2", "<|endoftext|>", "well-known"),
+])
+def test_eod_of_the_shared_chat_tokenizers(helpers, name, eod, source):
+    directory = helpers.data_file(f"tokenizers/{name}/tokenizer.json").parent
+    _, info = load_tokenizer(directory)
+    assert (info.eod_token, info.eod_source) == (eod, source)
+
+
+def test_template_ending_with_a_special_eod_is_not_doubled(make_tokenizer):
+    """chatml + --eod-token '<|im_end|>': the answer's own <|im_end|> ends the sample; one EOD, a target."""
+    d = make_tokenizer(["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
+    tok, info = load_tokenizer(d, eod_token="<|im_end|>")
+    segs = get_handler("alpaca", _opts(template="chatml"))({"instruction": "Hi", "output": "Hello"})
+    (sample,) = SampleEncoder(tok, info).encode_batch([segs])
+    assert int((sample.ids == info.eod_id).sum()) == 2  # the user turn's terminator, and the sample's end
+    assert sample.ids[-1] == info.eod_id and sample.ids[-2] != info.eod_id and sample.loss_mask[-1] == 1
+
+
+def test_ordinary_token_as_eod_is_still_appended(make_tokenizer):
+    """An --eod-token that is a plain vocabulary entry is content when the text ends with it."""
+    d = make_tokenizer(["<|endoftext|>"])
+    tok, _ = load_tokenizer(d)
+    bang = next(t for t in ("!", "Ġ!") if tok.token_to_id(t) is not None)
+    tok, info = load_tokenizer(d, eod_token=bang)
+    assert not info.eod_special
+    (sample,) = SampleEncoder(tok, info).encode_batch([[Segment("Hello!", target=True)]])
+    assert sample.ids[-1] == sample.ids[-2] == info.eod_id
+
+
+def _opts(**kw):
+    from packer.handlers import HandlerOptions
+
+    return HandlerOptions(**kw)

@@ -88,9 +88,13 @@ def test_sequence_without_eod(tmp_path, helpers):
     prefix = tmp_path / "bad"
     helpers.write_dataset(prefix, [[([5, 6], [1, 1]), ([6, 0], [0, 1])]], eod=0, vocab=10, seq_length=8)
     assert "1 samples do not end with EOD id 0" in errors_of(prefix)
-    helpers.write_dataset(prefix, [[([5, 6], [1, 1]), ([6, 0], [0, 1])]], eod=0, vocab=10, seq_length=8,
+    helpers.write_dataset(prefix, [[([6, 0], [0, 1]), ([5, 6], [1, 1])]], eod=0, vocab=10, seq_length=8,
                           unterminated=1)  # a split chunk may lack its EOD, and the manifest says so
     assert verify(prefix).ok
+    # ... but only at the end of its pack: an EOD scan would otherwise glue it to the next sample
+    helpers.write_dataset(prefix, [[([5, 6], [1, 1]), ([6, 0], [0, 1])]], eod=0, vocab=10, seq_length=8,
+                          unterminated=1)
+    assert "1 samples without EOD (split chunks) are followed by another sample" in errors_of(prefix)
 
 
 def test_eod_byte_patched_in_place(good, helpers):

@@ -305,6 +305,10 @@ def verify(prefix: str, no_checksums: bool) -> None:
             click.echo(f"error: {e}", err=True)
         raise SystemExit(1)
     s = rep.stats
+    if "export" in s:
+        click.echo(f"OK {prefix}: a --to {s['export']} export, " + ", ".join(
+            f"{v:,} {k}" for k, v in s.items() if isinstance(v, int)) + "; every file matches its checksum")
+        return
     click.echo(f"OK {prefix}: {s['packs']:,} packs, {s['samples']:,} samples, {s['tokens']:,} tokens; EOD scan "
                f"agrees with the index on {s['eod_scan']['agrees']:,}/{s['eod_scan']['packs']:,} packs")
 

@@ -90,6 +90,8 @@ class PackedDataset:
             yield PackGroup(first=d, ids=tok.read(t0 * tok.dtype.itemsize, t1 - t0), mask=mask.read(t0, t1 - t0),
                             seq_lens=lens[docs[d] : docs[d1]].astype(np.int64),
                             samples_per_pack=np.diff(docs[d : d1 + 1]))
+            tok.release()  # memory stays bounded by the group, not the build (the group's arrays stay valid)
+            mask.release()
             d = d1
 
     def actual_seq_len(self, i: int) -> list[int]:

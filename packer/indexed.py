@@ -26,6 +26,7 @@ spilled to temporary files as they grow, so memory stays bounded whatever the co
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
@@ -129,9 +130,10 @@ class IndexedDatasetWriter:
         self.bin_path, self.idx_path = data_path(prefix), index_path(prefix)
         directory = self.bin_path.parent
         directory.mkdir(parents=True, exist_ok=True)
+        # A leading dot: readers that glob for their files (MindSpeed's PREFIX_packed_*_document*) skip it.
         tag = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        self.tmp_bin = self.bin_path.with_name(self.bin_path.name + tag)
-        self.tmp_idx = self.idx_path.with_name(self.idx_path.name + tag)
+        self.tmp_bin = self.bin_path.with_name("." + self.bin_path.name + tag)
+        self.tmp_idx = self.idx_path.with_name("." + self.idx_path.name + tag)
         self._bin = open(self.tmp_bin, "wb")  # noqa: SIM115 -- closed in finalize/abort
         self._lengths = _Spill(np.int32, directory)
         self._doc_ends = _Spill(np.int64, directory)
@@ -291,6 +293,14 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
+
+    def release(self) -> None:
+        """Give back the resident pages of `.bin` read so far (they stay in the page cache). A file map keeps every
+        page it touched counted in the process's RSS, so a pass over a large build would otherwise grow with it;
+        callers that stream (verify, export) call this after each block. Arrays read before stay valid."""
+        m = getattr(self._bin, "_mmap", None)
+        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
 
     @property
     def num_documents(self) -> int:

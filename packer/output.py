@@ -17,7 +17,8 @@ untouched; leaving the `with` block without a commit removes them. `commit`:
     3. removes the earlier manifest and rejects file, so old and new files are never taken together for a
        complete output;
     4. renames the data into place: other files (`file()`) first, then the datasets, the first declared last
-       and each `.idx` after its `.bin`, then the rejects file, if any record was rejected;
+       and each `.idx` after its `.bin`; removes the files the earlier manifest listed that this output does not
+       replace (another shard count); then puts the rejects file in place, if any record was rejected;
     5. writes the manifest (atomically), whose presence means the output is complete.
 """
 
@@ -37,6 +38,23 @@ from packer.manifest import file_entries, manifest_path, write_json_atomic
 
 def rejects_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(prefix)}.rejects.jsonl")
+
+
+def previous_files(prefix: str | os.PathLike) -> set[Path]:
+    """The files an earlier output's manifest at `prefix` lists (resolved, and only inside the manifest's folder):
+    a commit removes those it does not replace, so e.g. shards of another shard count never linger."""
+    path = manifest_path(prefix)
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    here = path.parent.resolve()
+    found = set()
+    for name in files if isinstance(files, dict) else ():
+        p = (here / str(name)).resolve()
+        if here in p.parents:
+            found.add(p)
+    return found
 
 
 class OutputSet:
@@ -63,7 +81,8 @@ class OutputSet:
         `final` may lie in a subfolder of the prefix's folder (created here)."""
         final = Path(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        # A leading dot: readers that glob a folder (datasets' data_dir, MindSpeed's PREFIX_packed_*) skip it.
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
         self._files[final] = tmp
         return tmp
 
@@ -103,6 +122,7 @@ class OutputSet:
         here = manifest_path(self.prefix).parent
         pending |= {os.path.relpath(final, here): tmp for final, tmp in self._files.items()}
         manifest = make_manifest(file_entries(pending))
+        earlier = previous_files(self.prefix)
         manifest_path(self.prefix).unlink(missing_ok=True)
         if self._rejects is None:
             self.rejects_path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
@@ -110,6 +130,10 @@ class OutputSet:
             os.replace(tmp, final)
         for writer in reversed(self._datasets):
             writer.commit()
+        replaced = {Path(f).resolve() for f in self._files} | {
+            Path(p).resolve() for w in self._datasets for p in (w.bin_path, w.idx_path)}
+        for stale in earlier - replaced:
+            stale.unlink(missing_ok=True)
         self.commit_rejects()
         write_json_atomic(manifest_path(self.prefix), manifest)
         self.committed = True

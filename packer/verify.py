@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,13 @@ def verify(prefix: str | os.PathLike, checksums: bool = True) -> Report:
     """Check the manifest, checksums, both indexes and the token/mask contents. Never raises on bad data."""
     prefix = os.fspath(prefix)
     rep = Report(prefix)
+    from packer.export.check import check_export, is_export
+
+    if is_export(prefix):  # `packer export` output: its files and its format's invariants
+        manifest = json.loads(manifest_path(prefix).read_text(encoding="utf-8"))
+        rep.stats["export"] = manifest.get("to")
+        check_export(prefix, manifest, checksums, rep.errors, rep.stats)
+        return rep
     try:
         manifest = read_manifest(prefix)
     except (OSError, ValueError) as e:
@@ -128,6 +136,8 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         bad_ids += int((ids.astype(np.int64) >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
         bad_mask += int((m > 1).sum())
         targets += int(m.sum())
+        tok.release()
+        mask.release()
     if interior_eod:
         cause = (manifest.get("eod") or {}).get("interior_cause") or "the record text spelled the EOD token"
         rep.warnings.append(

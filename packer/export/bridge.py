@@ -42,7 +42,7 @@ def write(ds, out, config, progress: bool) -> dict:
     samples_per_row: list[np.ndarray] = []
     bar = tqdm(total=len(ds), desc="export", unit="pack", disable=not progress)
     with pq.ParquetWriter(parquet, schema) as writer:
-        for g in ds.groups():
+        for g in ds.groups(1 << 20):
             keep = g.seq_lens > 1
             dropped += int((~keep).sum())
             token_keep = np.repeat(keep, g.seq_lens)

@@ -35,6 +35,7 @@ from packer.export.labels import IGNORE, unshifted_labels
 from packer.write import token_positions
 
 FIELDS = ("input_ids", "labels", "attention_mask")  # the first is committed last (see OutputSet)
+GROUP_TOKENS = 1 << 20  # packs per round: ~10 int64 arrays of this many tokens (~100 MiB) are alive at once
 
 
 def suffix(field: str) -> str:
@@ -68,7 +69,7 @@ def write(ds, out, config, progress: bool) -> dict:
     writers = {f: out.dataset(suffix(f), np.int32, min_value=IGNORE if f == "labels" else 0) for f in FIELDS}
     moved = pad_tokens = target_tokens = samples = 0
     bar = tqdm(total=len(ds), desc="export", unit="pack", disable=not progress)
-    for g in ds.groups():
+    for g in ds.groups(GROUP_TOKENS):
         n_packs = g.samples_per_pack.size
         pack_of = np.repeat(np.arange(n_packs), g.samples_per_pack)
         # 1-token samples last within their pack (stable: the others keep their order).

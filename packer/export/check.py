@@ -1,0 +1,145 @@
+"""`packer verify OUT` on an export: every file against OUT.json's checksums, then the format's own invariants.
+
+    mindspeed  three datasets with the same sequences; lengths = seq_length (or a multiple of pad_to_multiple_of);
+               labels -100 or equal to input_ids; ids in the vocabulary; attention_mask 1..k in runs then 0s
+               (neat-pack) or all 1 (EOD boundaries)
+    bridge     the three columns, equal lengths; seq_start_id rising from 0 inside the row; loss_mask 0/1 and
+               0 at each sub-sequence's last token; sum(len - 1) <= packed_sequence_size
+    hf         every shard, equal column lengths; labels -100 or equal to input_ids; position_ids restart at
+               every document of seq_lengths (pack rows)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from packer.manifest import manifest_path, sha256_file
+
+MAX_ERRORS = 20
+
+
+def check_export(prefix: str, manifest: dict, checksums: bool, errors: list[str], stats: dict) -> None:
+    here = manifest_path(prefix).parent
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        errors.append(f"{manifest_path(prefix)}: export manifest lists no files")
+        return
+    for name, want in files.items():
+        path = here / name
+        if not path.is_file():
+            errors.append(f"{path}: missing")
+        elif path.stat().st_size != want.get("bytes"):
+            errors.append(f"{path}: {path.stat().st_size} bytes, manifest says {want.get('bytes')}")
+        elif checksums and sha256_file(path) != want.get("sha256"):
+            errors.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+    if errors:
+        return
+    to = manifest.get("to")
+    section = manifest.get(to) or {}
+    vocab = int(manifest["source"]["tokenizer"]["vocab_size"])
+    try:
+        if to == "mindspeed":
+            _mindspeed(prefix, section, manifest, vocab, errors, stats)
+        elif to == "bridge":
+            _bridge(here / section["parquet"], section, errors, stats)
+        elif to == "hf":
+            _hf([here / n for n in files if n.endswith(".parquet")], section, vocab, errors, stats)
+        else:
+            errors.append(f"{manifest_path(prefix)}: unknown export target {to!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        errors.append(f"{prefix}: cannot read the {to} export ({type(e).__name__}: {e})")
+
+
+def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: list[str], stats: dict) -> None:
+    from packer.export.mindspeed import FIELDS, suffix
+    from packer.indexed import IndexedDataset
+
+    ds = {f: IndexedDataset(prefix + suffix(f)) for f in FIELDS}
+    lens = ds["input_ids"].sequence_lengths
+    for f in FIELDS[1:]:
+        if not np.array_equal(ds[f].sequence_lengths, lens):
+            errors.append(f"{prefix}{suffix(f)}: sequence lengths differ from input_ids'")
+    seq_length, multiple = int(section["seq_length"]), section.get("pad_to_multiple_of")
+    if multiple is None and (lens != seq_length).any():
+        errors.append(f"{int((lens != seq_length).sum())} packs are not padded to seq_length {seq_length}")
+    if multiple is not None and ((lens % multiple != 0) | (lens > seq_length)).any():
+        errors.append(f"packs are not padded to a multiple of {multiple} within {seq_length}")
+    if errors:
+        return
+    neat = section["convention"] == "neat-pack"
+    bad = 0
+    for i in range(len(lens)):
+        ids, labels, mask = (ds[f].get(i).astype(np.int64) for f in FIELDS)
+        wrong = ((ids < 0) | (ids >= vocab)).any() or ((labels != -100) & (labels != ids)).any()
+        if neat:
+            used = int((mask > 0).sum())
+            runs = mask[:used]
+            wrong |= bool((mask[used:] != 0).any() or (runs.size and (runs[0] != 1 or (np.diff(runs) < 0).any()
+                                                                       or (np.diff(runs) > 1).any())))
+        else:
+            wrong |= bool((mask != 1).any())
+        bad += int(wrong)
+        if bad >= MAX_ERRORS:
+            break
+    if bad:
+        errors.append(f"{bad} packs break the MindSpeed layout (ids outside the vocabulary, labels that are neither "
+                      "-100 nor the token, or attention_mask not 1..k then 0s)")
+    stats.update(packs=int(len(lens)), tokens=int(lens.sum()))
+
+
+def _bridge(path: Path, section: dict, errors: list[str], stats: dict) -> None:
+    import pyarrow.parquet as pq
+
+    size = int(section["packed_sequence_size"])
+    rows = bad = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=500):
+        data = batch.to_pydict()
+        for ids, mask, starts in zip(data["input_ids"], data["loss_mask"], data["seq_start_id"], strict=True):
+            rows += 1
+            bounds = [*starts, len(ids)]
+            ok = (len(mask) == len(ids) and starts and starts[0] == 0 and all(b > a for a, b in zip(bounds, bounds[1:], strict=False))
+                  and set(mask) <= {0, 1} and all(mask[b - 1] == 0 for b in bounds[1:])
+                  and len(ids) - len(starts) <= size)
+            bad += not ok
+    if bad:
+        errors.append(f"{path}: {bad} rows break Bridge's layout (seq_start_id, loss_mask or capacity)")
+    stats.update(rows=rows)
+
+
+def _hf(paths: list[Path], section: dict, vocab: int, errors: list[str], stats: dict) -> None:
+    import pyarrow.parquet as pq
+
+    rows = bad = 0
+    for path in sorted(paths):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+            data = batch.to_pydict()
+            for j, ids in enumerate(data["input_ids"]):
+                rows += 1
+                ids_a, labels = np.asarray(ids, np.int64), np.asarray(data["labels"][j], np.int64)
+                ok = labels.size == ids_a.size and not ((labels != -100) & (labels != ids_a)).any() and \
+                    not ((ids_a < 0) | (ids_a >= vocab)).any()
+                if ok and "seq_lengths" in data:
+                    lens = np.asarray(data["seq_lengths"][j], np.int64)
+                    pos = np.asarray(data["position_ids"][j], np.int64)
+                    want = np.arange(ids_a.size) - np.repeat(np.cumsum(lens) - lens, lens)
+                    ok = lens.sum() == ids_a.size and pos.size == ids_a.size and np.array_equal(pos, want)
+                bad += not ok
+    if rows != section.get("rows"):
+        errors.append(f"the shards hold {rows} rows, the manifest says {section.get('rows')}")
+    if bad:
+        errors.append(f"{bad} rows break the hf layout (labels, ids or position_ids vs seq_lengths)")
+    stats.update(rows=rows)
+
+
+def is_export(prefix: str) -> bool:
+    try:
+        with open(manifest_path(prefix), encoding="utf-8") as f:
+            head = json.load(f)
+    except (OSError, ValueError):
+        return False
+    from packer.export import FORMAT
+
+    return isinstance(head, dict) and head.get("format") == FORMAT

@@ -4,9 +4,9 @@
     handle = get_handler("alpaca", HandlerOptions(template="chatml", map_keys={"output": "response"}))
     segments = handle({"instruction": "Hi", "response": "Hello!"})
 
-Templates per handler: handlers.alpaca.TEMPLATES, handlers.belle.TEMPLATES (moss and text have none).
+Templates per handler: templates("alpaca"), templates("belle") (moss and text have none).
 """
 
-from .base import HANDLERS, Handler, HandlerOptions, RecordError, get_handler
+from .base import HANDLERS, Handler, HandlerOptions, RecordError, get_handler, templates
 
-__all__ = ["HANDLERS", "Handler", "HandlerOptions", "RecordError", "get_handler"]
+__all__ = ["HANDLERS", "Handler", "HandlerOptions", "RecordError", "get_handler", "templates"]

@@ -64,6 +64,13 @@ class Handler(Protocol):
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]: ...
 
 
+def templates(name: str) -> tuple[str, ...]:
+    """The `--template` names handler `name` accepts (empty for handlers without templates)."""
+    if name not in HANDLERS:
+        raise ValueError(f"unknown handler {name!r}; choose one of: {', '.join(HANDLERS)}")
+    return tuple(importlib.import_module(f"{__package__}.{name}").TEMPLATES)
+
+
 def get_handler(name: str, options: HandlerOptions | None = None) -> Handler:
     """The handler called `name`, built from `handlers/<name>.py`'s `make(options)`."""
     if name not in HANDLERS:

@@ -14,9 +14,7 @@ import numpy as np
 from packer import __version__
 from packer.config import ON_ERROR
 from packer.export import TARGETS as EXPORT_TARGETS
-from packer.handlers import HANDLERS
-from packer.handlers.alpaca import TEMPLATES as ALPACA_TEMPLATES
-from packer.handlers.belle import TEMPLATES as BELLE_TEMPLATES
+from packer.handlers import HANDLERS, templates
 from packer.overflow import POLICIES
 from packer.packing import ALGORITHMS
 
@@ -98,8 +96,8 @@ def _tune_malloc() -> None:
 @click.option("--map-keys", callback=_parse_map_keys, help="JSON object renaming handler fields to your columns.")
 @click.option("--json-keys", default="text", show_default=True,
               help="text handler: comma-separated columns holding the text.")
-@click.option("--template", help=f"Prompt template (alpaca: {', '.join(ALPACA_TEMPLATES)}; "
-                                 f"belle: {', '.join(BELLE_TEMPLATES)}).")
+@click.option("--template", help="Prompt template (" + "; ".join(
+    f"{h}: {', '.join(templates(h))}" for h in HANDLERS if templates(h)) + ").")
 @click.option("--system", help="System prompt for records that carry none (templates that have one).")
 @click.option("--train-on-prompt", is_flag=True, help="Loss on every token, not only the responses.")
 @click.option("--last-turn-only", is_flag=True, help="Multi-turn data: loss on the final answer only.")

@@ -4,9 +4,9 @@
     handle = get_handler("alpaca", HandlerOptions(template="chatml", map_keys={"output": "response"}))
     segments = handle({"instruction": "Hi", "response": "Hello!"})
 
-Templates per handler: templates("alpaca"), templates("belle") (moss and text have none).
+Templates per handler: template_names("alpaca"), template_names("belle") (moss and text have none).
 """
 
-from .base import HANDLERS, Handler, HandlerOptions, RecordError, get_handler, templates
+from .base import HANDLERS, Handler, HandlerOptions, RecordError, get_handler, template_names
 
-__all__ = ["HANDLERS", "Handler", "HandlerOptions", "RecordError", "get_handler", "templates"]
+__all__ = ["HANDLERS", "Handler", "HandlerOptions", "RecordError", "get_handler", "template_names"]

@@ -64,7 +64,7 @@ class Handler(Protocol):
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]: ...
 
 
-def templates(name: str) -> tuple[str, ...]:
+def template_names(name: str) -> tuple[str, ...]:
     """The `--template` names handler `name` accepts (empty for handlers without templates)."""
     if name not in HANDLERS:
         raise ValueError(f"unknown handler {name!r}; choose one of: {', '.join(HANDLERS)}")

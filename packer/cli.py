@@ -14,7 +14,7 @@ import numpy as np
 from packer import __version__
 from packer.config import ON_ERROR
 from packer.export import TARGETS as EXPORT_TARGETS
-from packer.handlers import HANDLERS, templates
+from packer.handlers import HANDLERS, template_names
 from packer.overflow import POLICIES
 from packer.packing import ALGORITHMS
 
@@ -97,7 +97,7 @@ def _tune_malloc() -> None:
 @click.option("--json-keys", default="text", show_default=True,
               help="text handler: comma-separated columns holding the text.")
 @click.option("--template", help="Prompt template (" + "; ".join(
-    f"{h}: {', '.join(templates(h))}" for h in HANDLERS if templates(h)) + ").")
+    f"{h}: {', '.join(template_names(h))}" for h in HANDLERS if template_names(h)) + ").")
 @click.option("--system", help="System prompt for records that carry none (templates that have one).")
 @click.option("--train-on-prompt", is_flag=True, help="Loss on every token, not only the responses.")
 @click.option("--last-turn-only", is_flag=True, help="Multi-turn data: loss on the final answer only.")

@@ -16,7 +16,7 @@ from packer.indexed import IndexedDataset
 from packer.manifest import loss_mask_prefix, manifest_path, output_files, read_manifest, sha256_file
 from packer.packing import efficiency, lower_bound
 
-_CHUNK_SEQS = 1 << 16
+_CHUNK_TOKENS = 1 << 20  # tokens read per step of the contents check: memory stays flat whatever the build
 
 
 @dataclass
@@ -123,9 +123,11 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
     pack_last = np.zeros(lens.size, dtype=bool)  # is sample i the last of its pack
     pack_last[docs[1:][np.diff(docs) > 0] - 1] = True
     not_eod = bad_ids = bad_mask = eod_untrained = targets = interior_eod = glued = 0
-    for a in range(0, lens.size, _CHUNK_SEQS):
-        b = min(a + _CHUNK_SEQS, lens.size)
-        t0, t1 = int(ends[a] - lens[a]), int(ends[b - 1])
+    a = 0
+    while a < lens.size:
+        t0 = int(ends[a] - lens[a])
+        b = min(max(a + 1, int(np.searchsorted(ends, t0 + _CHUNK_TOKENS, side="right"))), lens.size)
+        t1 = int(ends[b - 1])
         ids = tok.read(t0 * tok.dtype.itemsize, t1 - t0)
         m = mask.read(t0, t1 - t0)
         last = ends[a:b] - 1 - t0
@@ -133,11 +135,12 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
         glued += int(((ids[last] != eod) & ~pack_last[a:b]).sum())
         interior_eod += int((ids == eod).sum()) - int((ids[last] == eod).sum())
         eod_untrained += int(((ids[last] == eod) & (m[last] != 1)).sum())
-        bad_ids += int((ids.astype(np.int64) >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
+        bad_ids += int((ids >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
         bad_mask += int((m > 1).sum())
         targets += int(m.sum())
         tok.release()
         mask.release()
+        a = b
     if interior_eod:
         cause = (manifest.get("eod") or {}).get("interior_cause") or "the record text spelled the EOD token"
         rep.warnings.append(
@@ -162,7 +165,7 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
             rep.errors.append(f"manifest counts.{key} = {counts.get(key)} but the data has {actual}")
     rep.stats = describe(manifest, lens, pack_tokens, np.diff(docs), targets)
     agree = 0
-    for g in PackedDataset(rep.prefix).groups():
+    for g in PackedDataset(rep.prefix).groups(_CHUNK_TOKENS):
         agree += int(eod_scan_agrees(g.ids, g.seq_lens, g.samples_per_pack, eod).sum())
     rep.stats["eod_scan"] = {"agrees": agree, "packs": int(tok.num_documents)}
     claim = manifest.get("eod_scan")

@@ -27,6 +27,27 @@ CORPUS = [
 ]
 
 
+PEERS = DATA.parent / "peers"
+
+
+def read_with_peer(driver: str, path: str, *flags: str, needs: Sequence[str] = ("megatron.core",)) -> list[dict]:
+    """Run another trainer's own reader (../shared/peers/<driver>, see its README) on the export at `path`:
+    one JSON record per batch it would hand its model. Skips where the peers or their packages are absent."""
+    import subprocess
+    import sys
+
+    script = PEERS / driver
+    if not script.is_file():
+        pytest.skip(f"{script} not found (../shared/peers lives next to the repo)")
+    for module in needs:
+        pytest.importorskip(module, reason=f"{driver} needs {module}")
+    out = Path(path + ".driver.jsonl")
+    proc = subprocess.run([sys.executable, str(script), path, *flags, "--json", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
 def data_file(relative: str) -> Path:
     path = DATA / relative
     if not path.is_file():

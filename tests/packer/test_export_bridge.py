@@ -8,9 +8,6 @@ positions 0..len-2; rows padded with the EOD id to Bridge's collate length.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,21 +17,11 @@ import pytest
 from packer.dataset import PackedDataset
 from packer.export import ExportConfig, export
 
-from .conftest import ALPACA, MOSS
-
-PEERS = Path(__file__).resolve().parents[2].parent / "shared" / "peers"
-DRIVER = PEERS / "megatron_bridge" / "read_export.py"
+from .conftest import ALPACA, MOSS, read_with_peer
 
 
 def bridge_reads(path: str, *flags: str) -> list[dict]:
-    if not DRIVER.is_file():
-        pytest.skip(f"Megatron-Bridge's reader is not at {DRIVER} (../shared/peers lives next to the repo)")
-    pytest.importorskip("megatron.core", reason="the Megatron-Bridge reader needs megatron-core")
-    out = Path(path + ".driver.jsonl")
-    proc = subprocess.run([sys.executable, str(DRIVER), path, *flags, "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return read_with_peer("megatron_bridge/read_export.py", path, *flags)
 
 
 def expected_row(pack) -> dict:

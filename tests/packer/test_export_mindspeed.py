@@ -7,9 +7,6 @@ samples (1-token samples last), padding, labels = target token ids with every sa
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +17,12 @@ from packer.export import ExportConfig, ExportError, export
 from packer.indexed import IndexedDataset
 from packer.verify import verify
 
-from .conftest import ALPACA
-
-PEERS = Path(__file__).resolve().parents[2].parent / "shared" / "peers"
-DRIVER = PEERS / "mindspeed_llm" / "read_export.py"
+from .conftest import ALPACA, read_with_peer
 
 
 def mindspeed_reads(prefix: str, *flags: str) -> list[dict]:
     """MindSpeed-LLM's packed-SFT data path on the export at `prefix`: one record per micro-batch of size 1."""
-    if not DRIVER.is_file():
-        pytest.skip(f"MindSpeed-LLM's reader is not at {DRIVER} (../shared/peers lives next to the repo)")
-    pytest.importorskip("megatron.core", reason="the MindSpeed-LLM reader needs megatron-core")
-    pytest.importorskip("transformers", reason="the MindSpeed-LLM reader needs transformers")
-    out = Path(prefix + ".driver.jsonl")
-    proc = subprocess.run([sys.executable, str(DRIVER), prefix, *flags, "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return read_with_peer("mindspeed_llm/read_export.py", prefix, *flags, needs=("megatron.core", "transformers"))
 
 
 def expected_pack(pack, seq_length: int, pad_id: int, multiple: int | None = None) -> dict:

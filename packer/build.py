@@ -20,7 +20,7 @@ from packer import __version__
 from packer.config import BuildConfig, BuildError
 from packer.encode import Counters, RecordEncoder
 from packer.manifest import FORMAT, LOSS_MASK_SUFFIX
-from packer.output import OutputSet
+from packer.output import OutputConflict, OutputSet
 from packer.packing import pack
 from packer.pool import encoded_chunks
 from packer.sources import check_inputs, count_records, read_batches
@@ -60,7 +60,11 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
     batches, total = open_input(config, main.handler.input_columns)
     counters = Counters()
     seconds: dict[str, float] = {}
-    with (OutputSet(config.prefix) as out,
+    try:
+        output = OutputSet(config.prefix)
+    except OutputConflict as e:
+        raise BuildError(str(e)) from e
+    with (output as out,
           encoded_chunks(config, batches, main) as chunks,
           tqdm(total=total, unit="rec", desc="tokenize", disable=not progress, dynamic_ncols=True,
                smoothing=0.1) as bar):

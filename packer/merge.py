@@ -24,7 +24,7 @@ from packer.manifest import (
     read_manifest,
     sha256_file,
 )
-from packer.output import OutputSet
+from packer.output import OutputConflict, OutputSet
 from packer.packing import PackStats
 
 _TOKENS_PER_COPY = 1 << 24
@@ -80,7 +80,11 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
     counts: dict[str, int] = {}
     stats = PackStats()
     total = sum(m["counts"]["tokens"] for m in manifests)
-    with (OutputSet(out_prefix) as out,
+    try:
+        output = OutputSet(out_prefix)
+    except OutputConflict as e:
+        raise MergeError(str(e)) from e
+    with (output as out,
           tqdm(total=total, unit="tok", unit_scale=True, desc="merge", disable=not progress) as bar):
         tok_w, mask_w = out.dataset("", dtype), out.dataset(LOSS_MASK_SUFFIX, np.uint8)
         for prefix, m in zip(in_prefixes, manifests, strict=True):

@@ -11,6 +11,7 @@ naming the failed check. What each format writes, and the trainer flags that rea
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from packer import __version__
 from packer.dataset import PackedDataset
 from packer.manifest import manifest_path, sha256_file
-from packer.output import OutputSet
+from packer.output import OutputConflict, OutputSet
 
 FORMAT = "packer.export.v1"
 TARGETS = ("mindspeed", "bridge", "hf")
@@ -39,6 +40,9 @@ class ExportConfig:
     per_sample: bool = False  # hf: one row per sample (transformers' DataCollatorWithFlattening), not per pack
     rows_per_shard: int = 10_000  # hf: rows per Parquet file
     checksums: bool = True  # verify the input's sha256 checksums first
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output", os.path.normpath(self.output))  # "OUT/" and "OUT" are one output
 
     def validate(self) -> None:
         if self.to not in TARGETS:
@@ -61,6 +65,9 @@ def open_verified(prefix: str, checksums: bool = True) -> PackedDataset:
     """The build at `prefix`, after `packer verify` found nothing wrong with it."""
     from packer.verify import verify
 
+    if not manifest_path(prefix).is_file():
+        raise ExportError(f"no build at {prefix}: {manifest_path(prefix)} does not exist (the manifest is written "
+                          "last, so the build did not complete, or the prefix is wrong)")
     report = verify(prefix, checksums=checksums)
     if not report.ok:
         raise ExportError(f"{prefix} fails `packer verify` ({report.errors[0]}"
@@ -74,7 +81,11 @@ def export(config: ExportConfig, progress: bool = False) -> dict[str, Any]:
     config.validate()
     ds = open_verified(config.prefix, config.checksums)
     writer = importlib.import_module(f"packer.export.{config.to}")
-    with OutputSet(config.output) as out:
+    try:
+        out = OutputSet(config.output, kind=FORMAT)
+    except OutputConflict as e:
+        raise ExportError(str(e)) from e
+    with out:
         section = writer.write(ds, out, config, progress)
         source = {"prefix": str(Path(config.prefix).resolve()),
                   "manifest_sha256": sha256_file(manifest_path(config.prefix)),

@@ -22,12 +22,21 @@ MAX_ERRORS = 20
 
 
 def check_export(prefix: str, manifest: dict, checksums: bool, errors: list[str], stats: dict) -> None:
+    try:
+        _check_export(prefix, manifest, checksums, errors, stats)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a hand-edited or foreign manifest
+        errors.append(f"{manifest_path(prefix)}: malformed export manifest ({type(e).__name__}: {e})")
+
+
+def _check_export(prefix: str, manifest: dict, checksums: bool, errors: list[str], stats: dict) -> None:
     here = manifest_path(prefix).parent
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         errors.append(f"{manifest_path(prefix)}: export manifest lists no files")
         return
     for name, want in files.items():
+        if not isinstance(want, dict):
+            raise TypeError(f"files[{name!r}] is {type(want).__name__}, not an object")
         path = here / name
         if not path.is_file():
             errors.append(f"{path}: missing")
@@ -39,18 +48,34 @@ def check_export(prefix: str, manifest: dict, checksums: bool, errors: list[str]
         return
     to = manifest.get("to")
     section = manifest.get(to) or {}
-    vocab = int(manifest["source"]["tokenizer"]["vocab_size"])
+    vocab = int(manifest["source"]["tokenizer"]["vocab_size"])  # a KeyError here is a malformed manifest
+    listed = {(here / n).resolve() for n in files}
     try:
         if to == "mindspeed":
+            # MindSpeed loads every PREFIX_packed_<field>_document file as a field.
+            extra = sorted(p.name for p in here.glob(Path(prefix).name + "_packed_*_document*")
+                           if p.resolve() not in listed)
+            _extra(extra, "MindSpeed-LLM would load them as more fields", errors)
             _mindspeed(prefix, section, manifest, vocab, errors, stats)
         elif to == "bridge":
-            _bridge(here / section["parquet"], section, errors, stats)
+            _bridge(here / section["parquet"], section, vocab, errors, stats)
         elif to == "hf":
-            _hf([here / n for n in files if n.endswith(".parquet")], section, vocab, errors, stats)
+            shards = [here / n for n in files if n.endswith(".parquet")]
+            folder = shards[0].parent if shards else Path(prefix)
+            extra = sorted(p.name for p in folder.glob("*.parquet") if p.resolve() not in listed) \
+                if folder.is_dir() else []
+            _extra(extra, "datasets' data_dir would load them with the export", errors)
+            _hf(shards, section, vocab, errors, stats)
         else:
             errors.append(f"{manifest_path(prefix)}: unknown export target {to!r}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except OSError as e:
         errors.append(f"{prefix}: cannot read the {to} export ({type(e).__name__}: {e})")
+
+
+def _extra(names: list[str], why: str, errors: list[str]) -> None:
+    if names:
+        errors.append(f"{names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                      + f" lie beside the export but are not in its manifest; {why}")
 
 
 def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: list[str], stats: dict) -> None:
@@ -79,6 +104,8 @@ def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: l
             runs = mask[:used]
             wrong |= bool((mask[used:] != 0).any() or (runs.size and (runs[0] != 1 or (np.diff(runs) < 0).any()
                                                                        or (np.diff(runs) > 1).any())))
+            firsts = np.flatnonzero(np.diff(np.concatenate([[0], runs])) != 0)  # each sample's first token
+            wrong |= bool((labels[firsts] != -100).any())
         else:
             wrong |= bool((mask != 1).any())
         bad += int(wrong)
@@ -90,7 +117,7 @@ def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: l
     stats.update(packs=int(len(lens)), tokens=int(lens.sum()))
 
 
-def _bridge(path: Path, section: dict, errors: list[str], stats: dict) -> None:
+def _bridge(path: Path, section: dict, vocab: int, errors: list[str], stats: dict) -> None:
     import pyarrow.parquet as pq
 
     size = int(section["packed_sequence_size"])
@@ -102,7 +129,7 @@ def _bridge(path: Path, section: dict, errors: list[str], stats: dict) -> None:
             bounds = [*starts, len(ids)]
             ok = (len(mask) == len(ids) and starts and starts[0] == 0 and all(b > a for a, b in zip(bounds, bounds[1:], strict=False))
                   and set(mask) <= {0, 1} and all(mask[b - 1] == 0 for b in bounds[1:])
-                  and len(ids) - len(starts) <= size)
+                  and len(ids) - len(starts) <= size and min(ids, default=0) >= 0 and max(ids, default=0) < vocab)
             bad += not ok
     if bad:
         errors.append(f"{path}: {bad} rows break Bridge's layout (seq_start_id, loss_mask or capacity)")
@@ -125,7 +152,10 @@ def _hf(paths: list[Path], section: dict, vocab: int, errors: list[str], stats: 
                     lens = np.asarray(data["seq_lengths"][j], np.int64)
                     pos = np.asarray(data["position_ids"][j], np.int64)
                     want = np.arange(ids_a.size) - np.repeat(np.cumsum(lens) - lens, lens)
-                    ok = lens.sum() == ids_a.size and pos.size == ids_a.size and np.array_equal(pos, want)
+                    ok = lens.sum() == ids_a.size and pos.size == ids_a.size and np.array_equal(pos, want) \
+                        and not (labels[pos == 0] != -100).any()  # a document's first token is never a label
+                elif ok and labels.size:  # a per-sample row is one document
+                    ok = labels[0] == -100
                 bad += not ok
     if rows != section.get("rows"):
         errors.append(f"the shards hold {rows} rows, the manifest says {section.get('rows')}")

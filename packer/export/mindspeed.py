@@ -46,8 +46,8 @@ def _eod_fallback(ds, progress: bool) -> str | None:
     """Why EOD boundaries would lie for this build, or None when an EOD scan finds exactly the index's."""
     counts = ds.manifest["counts"]
     if counts.get("unterminated", 0):
-        return (f"{counts['unterminated']:,} split chunks do not end with EOD (--overflow split), so MindSpeed "
-                "would find no boundary after them")
+        return (f"{counts['unterminated']:,} split chunks do not end with EOD (--overflow split): each fills a pack "
+                "alone, in which MindSpeed's EOD scan finds no segment end at all")
     bad = 0
     for g in tqdm(ds.groups(), total=None, desc="eod scan", unit="group", disable=not progress):
         bad += int((~eod_scan_agrees(g.ids, g.seq_lens, g.samples_per_pack, ds.eod_id)).sum())
@@ -57,7 +57,20 @@ def _eod_fallback(ds, progress: bool) -> str | None:
     return None
 
 
+# MindSpeed finds the three files with a regex built from the unescaped --data-path: these would break it.
+REGEX_METACHARACTERS = frozenset("+()[]?*{}^$|\\")
+
+
 def write(ds, out, config, progress: bool) -> dict:
+    from packer.export import ExportError
+
+    if bad := sorted(set(config.output) & REGEX_METACHARACTERS):
+        raise ExportError(f"--output {config.output!r} holds {''.join(bad)!r}: MindSpeed-LLM finds its files with a "
+                          "regex built from --data-path, which these characters break; choose another path")
+    multiple = config.pad_to_multiple_of
+    if multiple is not None and ds.seq_length % multiple:
+        raise ExportError(f"--pad-to-multiple-of {multiple} does not divide the build's seq_length "
+                          f"{ds.seq_length}: a full pack would be padded past it; pick a divisor")
     neat = config.neat_pack
     warnings = []
     if not neat and (why := _eod_fallback(ds, progress)):
@@ -65,7 +78,6 @@ def write(ds, out, config, progress: bool) -> dict:
                         "(--neat-pack) instead: train with --neat-pack --reset-attention-mask --reset-position-ids")
         neat = True
     pad_id = ds.pad_id if neat else ds.eod_id
-    multiple = config.pad_to_multiple_of
     writers = {f: out.dataset(suffix(f), np.int32, min_value=IGNORE if f == "labels" else 0) for f in FIELDS}
     moved = pad_tokens = target_tokens = samples = 0
     bar = tqdm(total=len(ds), desc="export", unit="pack", disable=not progress)

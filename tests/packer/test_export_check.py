@@ -79,3 +79,26 @@ def test_missing_export_file(moss, tmp_path):
     export(ExportConfig(moss, "bridge", str(out)))
     (tmp_path / "br_metadata.jsonl").unlink()
     assert any("missing" in e for e in verify(out).errors)
+
+
+def test_malformed_export_manifest_is_an_error_not_a_traceback(moss, tmp_path):
+    out = tmp_path / "hf"
+    export(ExportConfig(moss, "hf", str(out)))
+    m = json.loads(out.with_suffix(".json").read_text())
+    for broken in ({k: v for k, v in m.items() if k != "source"}, m | {"files": {"x": 5}}, m | {"files": None}):
+        out.with_suffix(".json").write_text(json.dumps(broken))
+        rep = verify(out)
+        assert not rep.ok and any("manifest" in e for e in rep.errors), rep.errors
+
+
+def test_files_beside_an_export_that_a_trainer_would_load_are_errors(moss, tmp_path):
+    hf = tmp_path / "hf"
+    export(ExportConfig(moss, "hf", str(hf)))
+    (hf / "train-00000-of-00002.parquet").write_bytes((hf / "train-00000-of-00001.parquet").read_bytes())
+    assert any("not in its manifest" in e for e in verify(hf).errors)
+    ms = tmp_path / "ms"
+    export(ExportConfig(moss, "mindspeed", str(ms)))
+    for ext in ("bin", "idx"):
+        (tmp_path / f"ms_packed_extra_document.{ext}").write_bytes((tmp_path / f"ms_packed_labels_document.{ext}")
+                                                                   .read_bytes())
+    assert any("more fields" in e for e in verify(ms).errors)

@@ -156,3 +156,62 @@ def test_interrupted_export_leaves_nothing_that_looks_valid(alpaca, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "ms")))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_options_mindspeed_cannot_read_are_refused(alpaca, tmp_path):
+    with pytest.raises(ExportError, match="does not divide the build's seq_length 1024"):
+        export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "ms"), pad_to_multiple_of=3))
+    with pytest.raises(ExportError, match="regex built from --data-path"):
+        export(ExportConfig(alpaca, "mindspeed", str(tmp_path / "we+ird(1)")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_never_replaces_a_build_nor_a_build_an_export(alpaca, copy_build, tmp_path):
+    from packer.build import build
+    from packer.config import BuildConfig, BuildError
+
+    src = copy_build(alpaca)  # a build at tmp_path/alpaca, to export onto
+    before = {p.name: p.read_bytes() for p in Path(src).parent.iterdir()}
+    with pytest.raises(ExportError, match="belongs to a 'packer.packed.v1' output"):
+        export(ExportConfig(alpaca, "bridge", src))
+    assert {p.name: p.read_bytes() for p in Path(src).parent.iterdir()} == before
+    out = tmp_path / "exp" / "ms"
+    export(ExportConfig(alpaca, "mindspeed", str(out)))
+    demo = Path(__file__).resolve().parents[2] / "packer" / "assets" / "demo_alpaca.json"
+    with pytest.raises(BuildError, match="belongs to a 'packer.export.v1' output"):
+        build(BuildConfig(handler="alpaca", inputs=(str(demo),), tokenizer=str(demo.parent / "gpt2"),
+                          seq_length=512, output_prefix=str(out)), progress=False)
+
+
+def test_a_commit_killed_midway_is_finished_by_the_next_run(alpaca, tmp_path, monkeypatch):
+    """The earlier export's files are journaled before its manifest goes: a re-run after a kill in the renames
+    removes the ones it does not replace, and no reader ever sees an old index beside a new one."""
+    import os as os_mod
+
+    out = tmp_path / "hf"
+    export(ExportConfig(alpaca, "hf", str(out), rows_per_shard=100))  # 6 shards
+    real, calls = os_mod.replace, []
+
+    def dying(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed after the first rename
+        return real(src, dst)
+
+    monkeypatch.setattr(os_mod, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportConfig(alpaca, "hf", str(out), rows_per_shard=300))
+    monkeypatch.setattr(os_mod, "replace", real)
+    assert not (tmp_path / "hf.json").exists()
+    m = export(ExportConfig(alpaca, "hf", str(out), rows_per_shard=300))  # no refusal: the journal says whose
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        Path(f).name for f in m["files"])
+    assert verify(str(out)).ok and not list(tmp_path.glob(".*replacing"))
+
+
+def test_temp_files_of_a_dead_run_are_removed(alpaca, tmp_path):
+    out = tmp_path / "ms"
+    stale = tmp_path / ".ms_packed_labels_document.bin.tmp-999999999-abcd"  # no such process
+    stale.write_bytes(b"x" * 100)
+    export(ExportConfig(alpaca, "mindspeed", str(out) + "/"))  # a trailing slash names the same output
+    assert not stale.exists() and (tmp_path / "ms.json").is_file()

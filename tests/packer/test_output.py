@@ -10,7 +10,7 @@ import pytest
 
 from packer.indexed import IndexedDataset, IndexedDatasetWriter
 from packer.manifest import manifest_path, sha256_file
-from packer.output import OutputSet, rejects_path
+from packer.output import OutputConflict, OutputSet, rejects_path
 
 DATA_NAMES = ["out.bin", "out.idx", "out_loss_mask.bin", "out_loss_mask.idx"]
 
@@ -33,7 +33,7 @@ def manifest_of(files: dict) -> dict:
 
 
 def build(prefix: Path, packs: list[list[list[int]]], rejects: list[dict] | None = None) -> dict:
-    with OutputSet(prefix) as out:
+    with OutputSet(prefix, kind="test") as out:
         write_packs(out, packs)
         out.add_rejects(rejects or [])
         return out.commit(manifest_of)
@@ -59,7 +59,7 @@ def test_nothing_visible_before_commit(tmp_path):
         seen.append(sorted(p.name for p in tmp_path.iterdir()))  # steps 1-2 done, no rename yet
         return manifest_of(files)
 
-    with OutputSet(prefix) as out:
+    with OutputSet(prefix, kind="test") as out:
         write_packs(out, OLD)
         out.add_rejects([{"record": 3, "error": "bad"}])
         names = sorted(p.name for p in tmp_path.iterdir())
@@ -110,7 +110,7 @@ def test_leaving_without_commit_removes_temp_files_and_keeps_the_earlier_output(
     if earlier:
         build(prefix, OLD, rejects=[{"record": 0, "error": "old"}])
     before = snapshot(tmp_path)
-    with pytest.raises(RuntimeError, match="boom"), OutputSet(prefix) as out:
+    with pytest.raises(RuntimeError, match="boom"), OutputSet(prefix, kind="test") as out:
         write_packs(out, NEW)
         out.add_rejects([{"record": 1, "error": "new"}])
         assert temp_files(tmp_path)
@@ -128,7 +128,7 @@ def test_a_failing_manifest_leaves_the_earlier_output(tmp_path):
     def failing(files):
         raise ValueError("no manifest")
 
-    with pytest.raises(ValueError, match="no manifest"), OutputSet(prefix) as out:
+    with pytest.raises(ValueError, match="no manifest"), OutputSet(prefix, kind="test") as out:
         write_packs(out, NEW)
         out.commit(failing)
     assert snapshot(tmp_path) == before
@@ -143,18 +143,21 @@ def test_earlier_manifest_is_removed_before_the_data_renames(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(IndexedDatasetWriter, "commit", interrupted)
-    with pytest.raises(KeyboardInterrupt), OutputSet(prefix) as out:
+    with pytest.raises(KeyboardInterrupt), OutputSet(prefix, kind="test") as out:
         write_packs(out, NEW)
         out.commit(manifest_of)
     assert not manifest_path(prefix).exists()
-    # The old data may remain, but without its manifest it no longer claims to be a complete output.
-    assert (tmp_path / "out.idx").read_bytes() == before["out.idx"]
+    # The old .bin files may remain, but without their manifest and their .idx no reader opens them (so no mix
+    # of an old index with new data can exist), and the journal names them for the next run to remove.
+    assert not (tmp_path / "out.idx").exists() and not (tmp_path / "out_loss_mask.idx").exists()
+    assert (tmp_path / "out.bin").read_bytes() == before["out.bin"]
+    assert (tmp_path / ".out.json.replacing").is_file()
     assert temp_files(tmp_path) == []
 
 
 def test_no_rejects_file_without_rejects(tmp_path):
     prefix = tmp_path / "out"
-    with OutputSet(prefix) as out:
+    with OutputSet(prefix, kind="test") as out:
         write_packs(out, OLD)
         out.add_rejects([])
         assert not any("rejects" in p.name for p in tmp_path.iterdir())
@@ -166,7 +169,7 @@ def test_no_rejects_file_without_rejects(tmp_path):
 def test_rejects_written_in_order(tmp_path):
     prefix = tmp_path / "out"
     rejects = [{"record": 2, "error": "a"}, {"record": 5, "error": "b"}, {"record": 9, "error": "c"}]
-    with OutputSet(prefix) as out:
+    with OutputSet(prefix, kind="test") as out:
         write_packs(out, OLD)
         out.add_rejects(rejects[:2])
         out.add_rejects(rejects[2:])
@@ -203,7 +206,7 @@ def test_lone_surrogate_reject_is_a_json_escape_in_valid_utf8(tmp_path):
 def test_commit_rejects_without_data(tmp_path):
     prefix = tmp_path / "out"
     rejects = [{"record": 4, "error": "empty"}]
-    with OutputSet(prefix) as out:
+    with OutputSet(prefix, kind="test") as out:
         write_packs(out, [])
         out.add_rejects(rejects)
         where = out.commit_rejects()
@@ -217,7 +220,18 @@ def test_commit_rejects_without_data(tmp_path):
 
 def test_commit_rejects_with_nothing_rejected(tmp_path):
     prefix = tmp_path / "out"
-    with OutputSet(prefix) as out:
+    with OutputSet(prefix, kind="test") as out:
         write_packs(out, OLD)
         assert out.commit_rejects() is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_of_another_kind_is_refused_and_kept(tmp_path):
+    prefix = str(tmp_path / "out")
+    with OutputSet(prefix, kind="test") as out:
+        out.dataset("", np.uint16).add_sequences(np.array([1, 2]), [2])
+        out.commit(manifest_of)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OutputConflict, match="belongs to a 'test' output"):
+        OutputSet(prefix, kind="other")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

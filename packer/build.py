@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -58,6 +59,10 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
     t0 = time.perf_counter()
     main = RecordEncoder(config)  # validates handler/tokenizer options before any work
     batches, total = open_input(config, main.handler.input_columns)
+    first = next(iter(batches), None)  # the backend's probe reads the first records too
+    if first is not None:
+        main.choose_backend(first if isinstance(first, list) else first.records())
+        batches = itertools.chain([first], batches)
     counters = Counters()
     seconds: dict[str, float] = {}
     try:
@@ -137,6 +142,8 @@ def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, writer: 
     cfg["inputs"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.inputs]
     cfg["overflow_effective"] = encoder.overflow
     cfg["output_prefix"] = config.prefix
+    cfg["tokenizer_backend_effective"] = encoder.backend
+    cfg["tokenizer_backend_note"] = encoder.backend_note
     return {
         "format": FORMAT,
         "packer_version": __version__,

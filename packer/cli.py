@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from packer import __version__
-from packer.config import ON_ERROR
+from packer.config import ON_ERROR, TOKENIZER_BACKENDS
 from packer.export import TARGETS as EXPORT_TARGETS
 from packer.handlers import HANDLERS, template_names
 from packer.overflow import POLICIES
@@ -121,12 +121,15 @@ def _tune_malloc() -> None:
 @click.option("--num-shards", type=int, help="Build one of K disjoint shards (default: from torchrun/SLURM env).")
 @click.option("--shard-index", type=int, help="Which shard, 0-based.")
 @click.option("--batch-size", type=int, default=512, show_default=True, help="Records per encode_batch call, at most.")
+@click.option("--tokenizer-backend", type=click.Choice(TOKENIZER_BACKENDS), default="auto", show_default=True,
+              help="auto: tiktoken where it is proven to give this tokenizer's exact ids (byte-level BPE: GPT-2, "
+                   "Llama-3, Qwen, ...), else tokenizers; the output is byte-identical either way.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
 def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,
           train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, workers, streaming, hf_dataset,
-          hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, quiet,
-          json_summary) -> None:
+          hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, tokenizer_backend,
+          quiet, json_summary) -> None:
     """Tokenize, pack and write PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json."""
     from packer.build import build as run_build
     from packer.config import BuildConfig, BuildError, parse_window
@@ -168,6 +171,7 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         pack_window=window,
         num_shards=num_shards,
         shard_index=shard_index,
+        tokenizer_backend=tokenizer_backend,
     )
     if num_shards > 1:
         click.echo(f"building shard {shard_index} of {num_shards} ({shard_source})", err=True)
@@ -191,7 +195,7 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
     click.echo(
         f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}_loss_mask.{{bin,idx}}\n"
         f"  tokenizer {tok['path']}  EOD {eod['token']!r} (id {eod['id']}, {eod['source']})  BOS {bos}  "
-        f"handler {m['config']['handler']}, template {template}\n"
+        f"handler {m['config']['handler']}, template {template}, backend {m['config']['tokenizer_backend_effective']}\n"
         f"  records {c.records:,}  skipped {c.skipped:,}  samples {c.samples:,}  tokens {c.tokens:,} "
         f"(targets {c.target_tokens:,})\n"
         f"  packs {result.num_packs:,} (lower bound {result.lower_bound:,})  efficiency {result.efficiency:.2%}  "
@@ -202,6 +206,8 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         "tokenizing)"
         + (f"\n  skipped records written to {result.prefix}.rejects.jsonl" if c.skipped else "")
     )
+    if m["config"]["tokenizer_backend_note"]:
+        click.echo(f"note: {m['config']['tokenizer_backend_note']}; tokenized with tokenizers", err=True)
     if eod["source"] == "document-end token":
         click.echo(f"note: EOD is {eod['token']!r}, not the config's eos_token: {eod['reason']}", err=True)
     if c.interior_eod:

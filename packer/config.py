@@ -9,6 +9,7 @@ from packer.overflow import POLICIES
 from packer.packing import ALGORITHMS
 
 ON_ERROR = ("fail", "skip")
+TOKENIZER_BACKENDS = ("auto", "hf", "tiktoken")
 
 
 class BuildError(Exception):
@@ -42,6 +43,7 @@ class BuildConfig:
     pack_window: tuple[int, bool] = (16384, False)  # (size, by_tokens): the streaming packer's window
     num_shards: int = 1
     shard_index: int = 0
+    tokenizer_backend: str = "auto"  # auto: tiktoken where it is proven exact for the tokenizer, else tokenizers
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -52,6 +54,9 @@ class BuildConfig:
             raise BuildError(f"--pack {self.pack!r}: choose one of {', '.join(ALGORITHMS)}")
         if self.on_error not in ON_ERROR:
             raise BuildError(f"--on-error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
+        if self.tokenizer_backend not in TOKENIZER_BACKENDS:
+            raise BuildError(f"--tokenizer-backend {self.tokenizer_backend!r}: choose one of "
+                             f"{', '.join(TOKENIZER_BACKENDS)}")
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
         if self.batch_size < 1:

@@ -66,7 +66,8 @@ class Chunk:
 class RecordEncoder:
     """handler + tokenizer + overflow policy for one process; `encode` turns raw records into a Chunk."""
 
-    def __init__(self, config: BuildConfig):
+    def __init__(self, config: BuildConfig, twin_proven: bool = False):
+        """`twin_proven`: the parent process proved the tiktoken twin exact (`choose_backend`); load it unprobed."""
         self.config = config
         self.tokenizer, self.info = load_tokenizer(config.tokenizer, config.eod_token)
         options = HandlerOptions(
@@ -83,6 +84,42 @@ class RecordEncoder:
         self.overflow = config.overflow or self.handler.default_overflow
         self.dtype = np.dtype(token_dtype(self.info.vocab_size))
         self.encoder = SampleEncoder(self.tokenizer, self.info, train_on_prompt=config.train_on_prompt)
+        self.backend, self.backend_note = "hf", ""
+        if twin_proven:
+            self.encoder.twin, _ = self._twin(probe=False)
+            self.backend = "tiktoken"
+
+    def _twin(self, sample: list[str] = (), probe: bool = True):
+        from packer.tiktoken_backend import load
+
+        twin, why = load(self.info.path, self.tokenizer, sample, probe=probe)
+        if twin is not None and not self.encoder.use_twin(twin):
+            twin, why = None, "the post-processor does not add one fixed prefix/suffix to every text"
+        return twin, why
+
+    def choose_backend(self, first: list[RawRecord]) -> str:
+        """Decide --tokenizer-backend on the input's first records (the probe runs on their texts too); returns
+        the backend used. `auto` falls back to tokenizers, saying why in `backend_note`."""
+        want = self.config.tokenizer_backend
+        if want == "hf":
+            return self.backend
+        sample = []
+        for rec in first[:64]:
+            data = rec.parsed()
+            if isinstance(data, dict):
+                try:
+                    sample.append("".join(s.text for s in self.handler(data)))
+                except RecordError:
+                    continue
+        twin, why = self._twin(sample)
+        if twin is None:
+            if want == "tiktoken":
+                raise BuildError(f"--tokenizer-backend tiktoken cannot reproduce {self.info.path} exactly: {why}; "
+                                 "pass --tokenizer-backend hf (or auto)")
+            self.backend_note = f"tiktoken not used: {why}"
+            return self.backend
+        self.backend = "tiktoken"
+        return self.backend
 
     def encode(self, batch: list[RawRecord] | ArrowBatch | LineBlock) -> Chunk:
         """A batch of raw records -> one Chunk, tokenized --batch-size records per encode_batch call."""

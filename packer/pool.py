@@ -20,12 +20,12 @@ from packer.encode import Chunk, RecordEncoder
 _worker_encoder: RecordEncoder | None = None  # one per worker process, set by _init_worker
 
 
-def _init_worker(config: BuildConfig) -> None:
+def _init_worker(config: BuildConfig, twin_proven: bool) -> None:
     global _worker_encoder
     # The pool is the parallelism: rayon threads inside each worker's encode_batch would only oversubscribe
     # the cores (measured: ~10% slower with 2 workers on 2 cores).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = RecordEncoder(config)
+    _worker_encoder = RecordEncoder(config, twin_proven)
 
 
 def _encode_in_worker(batch) -> Chunk:
@@ -42,7 +42,8 @@ def encoded_chunks(config: BuildConfig, batches: Iterable, local: RecordEncoder)
         yield map(local.encode, batches)
         return
     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-    with ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,)) as pool:
+    twin_proven = local.backend == "tiktoken"
+    with ctx.Pool(config.workers, initializer=_init_worker, initargs=(config, twin_proven)) as pool:
         yield ordered_map(pool, _encode_in_worker, batches, 2 * config.workers)
 
 

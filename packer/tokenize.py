@@ -238,13 +238,18 @@ def _enlarge_word_cache(tokenizer: Tokenizer) -> None:
 class SampleEncoder:
     """Segments -> `Sample`s, in batches through `Tokenizer.encode_batch`."""
 
-    def __init__(self, tokenizer: Tokenizer, info: TokenizerInfo, train_on_prompt: bool = False):
+    def __init__(self, tokenizer: Tokenizer, info: TokenizerInfo, train_on_prompt: bool = False, twin=None):
+        """`twin`: a `tiktoken_backend.TiktokenEncoder` proven to give this tokenizer's ids; batches go through it
+        wherever the post-processor adds a fixed prefix/suffix (its ids are added here) and the text qualifies."""
         self.tokenizer = tokenizer
         self.info = info
         self.train_on_prompt = train_on_prompt
         # Add BOS ourselves only when the config asks for one the post-processor does not add.
         self._manual_bos = info.bos_id is not None and _post_processor_bos(tokenizer) is None
         self._affix = _template_affix(tokenizer)
+        self.twin = None
+        if twin is not None:
+            self.use_twin(twin)
         # Samples whose every token is a target need no character offsets; `encode_batch_fast` skips computing
         # them (same ids). Older tokenizers lack it.
         self._encode_fast = getattr(tokenizer, "encode_batch_fast", None)
@@ -256,6 +261,52 @@ class SampleEncoder:
         return [Sample(ids=ids[e - n : e], loss_mask=mask[e - n : e])
                 for n, e in zip(lengths.tolist(), ends.tolist(), strict=True)]
 
+    def use_twin(self, twin) -> bool:
+        """Encode through `twin` from now on; False (and no change) where the post-processor's additions are not
+        one fixed prefix/suffix, which the twin needs to add them itself."""
+        if self._affix is None:
+            return False
+        full = self.tokenizer.encode("a", add_special_tokens=True).ids
+        head, tail = self._affix
+        self._head_ids, self._tail_ids = full[:head], full[len(full) - tail:]
+        self.twin = twin
+        return True
+
+    def _twin_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, lengths, last character of each token on the batch's character axis, covers text) through the
+        tiktoken twin: the post-processor's fixed prefix/suffix ids are added here, and each token's last
+        character comes from the tokens' byte lengths (the same character `tokenizers`' offsets name: a token that
+        ends inside a multi-byte character covers that character)."""
+        lists = self.twin.encode_batch(texts)
+        head, tail = self._head_ids, self._tail_ids
+        text_counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        text_ids = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(text_counts.sum()))
+        # Byte -> character on the batch's axis: a character starts at every byte that is not a continuation.
+        raw = np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8)
+        char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
+        byte_end = np.cumsum(self.twin.token_bytes[text_ids])
+        if byte_end.size and byte_end[-1] != raw.size:
+            raise RuntimeError("tiktoken twin: token bytes do not add up to the text")  # never: ids are exact
+        text_last = char_of_byte[byte_end - 1] if text_ids.size else np.zeros(0, np.int64)
+        h, t = len(head), len(tail)
+        lengths = text_counts + h + t
+        if not h and not t:
+            return text_ids, lengths, text_last, np.ones(text_ids.size, dtype=bool)
+        total = int(lengths.sum())
+        starts = np.cumsum(lengths) - lengths
+        is_text = np.ones(total, dtype=bool)
+        for k in range(h):
+            is_text[starts + k] = False
+        for k in range(t):
+            is_text[starts + lengths - t + k] = False
+        ids = np.empty(total, dtype=np.int64)
+        ids[is_text] = text_ids
+        affix = np.tile(np.asarray([*head, *tail], dtype=np.int64), len(lists))
+        ids[~is_text] = affix
+        last_char = np.full(total, -1, dtype=np.int64)
+        last_char[is_text] = text_last
+        return ids, lengths, last_char, is_text
+
     def encode_flat(self, batch: Sequence[Sequence[Segment]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, loss mask, lengths) of the whole batch, concatenated; the same samples `encode_batch` gives.
 
@@ -265,16 +316,28 @@ class SampleEncoder:
             return np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64)
         texts = [segs[0].text if len(segs) == 1 else "".join(s.text for s in segs) for segs in batch]
         all_target = self.train_on_prompt or all(s.target for segs in batch for s in segs)
-        # Without offsets, the tokens the post-processor added are found by position: its fixed prefix/suffix.
-        fast = all_target and self._affix is not None and self._encode_fast is not None
-        encodings = (self._encode_fast if fast else self.tokenizer.encode_batch)(texts, add_special_tokens=True)
-        n = len(encodings)
-        id_lists = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=n)
-        total = int(lengths.sum())
-        ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=total)
-        starts = np.cumsum(lengths) - lengths
         eod, bos = self.info.eod_id, self.info.bos_id
+        n = len(texts)
+        text_lens = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+        char_base = np.cumsum(text_lens) - text_lens  # where each text starts on one global character axis
+        fast = False
+        if self.twin is not None and all(map(self.twin.accepts, texts)):
+            ids, lengths, last_char, covers_text = self._twin_encode(texts)
+        else:
+            # Without offsets, the tokens the post-processor added are found by position: its fixed prefix/suffix.
+            fast = all_target and self._affix is not None and self._encode_fast is not None
+            encodings = (self._encode_fast if fast else self.tokenizer.encode_batch)(texts, add_special_tokens=True)
+            id_lists = [e.ids for e in encodings]
+            lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=n)
+            ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+            if not fast:
+                # Token ends (character offsets) for the whole batch, moved onto the global character axis.
+                ends = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
+                                   dtype=np.int64, count=2 * ids.size)[1::2]
+                last_char = ends - 1 + np.repeat(char_base, lengths)
+                covers_text = ends > 0  # tokens added by the post-processor cover no character
+        total = ids.size
+        starts = np.cumsum(lengths) - lengths
 
         if fast:
             added = np.zeros(total, dtype=bool)
@@ -285,13 +348,6 @@ class SampleEncoder:
                 added[((starts + lengths - tail)[:, None] + np.arange(tail)).ravel()] = True
             mask = (~added).view(np.uint8)
         else:
-            # Token ends (character offsets) for the whole batch, moved into one global character axis.
-            ends = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
-                               dtype=np.int64, count=2 * total)[1::2]
-            text_lens = np.fromiter(map(len, texts), dtype=np.int64, count=n)
-            char_base = np.cumsum(text_lens) - text_lens
-            last_char = ends - 1 + np.repeat(char_base, lengths)
-            covers_text = ends > 0  # tokens added by the post-processor cover no character
             added = ~covers_text
             if all_target:
                 mask = covers_text.astype(np.uint8)

@@ -165,14 +165,15 @@ def test_every_option_named_in_a_message_exists():
 
 
 def test_choices_come_from_the_registries():
-    from packer.config import ON_ERROR
+    from packer.config import ON_ERROR, TOKENIZER_BACKENDS
     from packer.handlers import HANDLERS
     from packer.overflow import POLICIES
     from packer.packing import ALGORITHMS
 
     choices = {p.name: tuple(p.type.choices) for p in main.get_command(click.Context(main), "build").params
                if isinstance(p.type, click.Choice)}
-    assert choices == {"handler": HANDLERS, "overflow": POLICIES, "pack_algorithm": ALGORITHMS, "on_error": ON_ERROR}
+    assert choices == {"handler": HANDLERS, "overflow": POLICIES, "pack_algorithm": ALGORITHMS, "on_error": ON_ERROR,
+                       "tokenizer_backend": TOKENIZER_BACKENDS}
 
 
 def test_install_puts_only_packer_on_the_import_path(tmp_path):

@@ -62,7 +62,10 @@ class TiktokenEncoder:
         return not self.nfc or unicodedata.is_normalized("NFC", text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_batch(texts, allowed_special="all", num_threads=1)
+        # One call per text: Encoding.encode_batch hands every text to a thread pool (a future per text), which
+        # cost more than the tokenizing itself in a profile (1.2 of 1.6 s); the processes are the parallelism.
+        encode, allowed = self.encoding.encode, self.encoding.special_tokens_set
+        return [encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
 
 
 def _qualifies(spec: dict) -> str | None:

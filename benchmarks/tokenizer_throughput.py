@@ -8,7 +8,8 @@ Every row tokenizes the same texts (the `text` field of each line) in the same r
 
     hf          `Tokenizer.encode_batch` as loaded
     hf-fast     `Tokenizer.encode_batch_fast` (no character offsets)
-    tiktoken    `Encoding.encode_batch(batch, allowed_special="all", num_threads=1)` on an Encoding built from the
+    tiktoken    `Encoding.encode(text, allowed_special=<all>)` per text (encode_batch's per-text thread-pool futures
+                cost more than the tokenizing) on an Encoding built from the
                 same tokenizer.json (byte-level ranks, the pre-tokenizer's split pattern, its special tokens)
 
 These run in N fork-started processes with an initializer that loads the tokenizer, over batches of 512 texts
@@ -89,7 +90,9 @@ def _init(kind: str, path: str) -> None:
         enc = tiktoken_encoding(path)
 
         def _encode(batch):
-            return enc.encode_batch(batch, allowed_special="all", num_threads=1)
+            # One call per text: encode_batch's thread pool (a future per text) costs more than the tokenizing.
+            allowed = enc.special_tokens_set
+            return [enc.encode(t, allowed_special=allowed, disallowed_special=()) for t in batch]
         return
     from tokenizers import Tokenizer
 

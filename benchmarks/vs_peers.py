@@ -11,7 +11,7 @@ Two pairs, each run A B A B ... after one warm-up of each (--runs, --warmup), ev
     alpaca  packer build --handler alpaca --seq-length S      vs  MindSpeed-LLM preprocess_data.py
             (AlpacaStyleInstructionHandler, --pack --neat-pack --seq-length S) through
             ../shared/peers/mindspeed_llm_preprocess/run.sh, on the corpus's records that carry
-            instruction/input/output (written once to a side file)
+            instruction/input/output and a non-empty output (written once to a side file)
 
 Both tools get the same tokenizer directory, built as the peers' READMEs describe (GPT-2 tokenizer.json plus
 vocab.json, merges.txt and a tokenizer_config.json with eos_token, which Megatron's --append-eod needs). Printed:
@@ -80,7 +80,7 @@ def alpaca_side_file(corpus: Path, out: Path) -> int:
     with open(corpus, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
         for line in f:
             r = json.loads(line)
-            if "instruction" in r and "output" in r:
+            if r.get("instruction") and (r.get("output") or "").strip():  # packer refuses nothing-to-train; same records for both
                 g.write(json.dumps({k: r[k] for k in ("instruction", "input", "output")}, ensure_ascii=False))
                 g.write("\n")
                 n += 1
@@ -135,7 +135,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--pairs", default="text,alpaca", help="which comparisons to run, comma-separated")
     args = ap.parse_args()
+    pairs = set(args.pairs.split(","))
     corpus = args.corpus.resolve()
     work = Path(tempfile.mkdtemp(prefix="vs_peers_", dir=corpus.parent))
     tok = tokenizer_dir(work / "gpt2-hf")
@@ -145,7 +147,9 @@ def main() -> None:
           f"{args.workers} workers; {args.warmup} warm-up + {args.runs} interleaved runs per tool")
 
     py = find_python(args.megatron_python, "MEGATRON_PYTHON", "venv-megatron")
-    if not (MEGATRON / "run.sh").exists():
+    if "text" not in pairs:
+        pass
+    elif not (MEGATRON / "run.sh").exists():
         print(f"\n== text vs Megatron-LM: skipped: {MEGATRON / 'run.sh'} not found")
     elif py is None:
         print("\n== text vs Megatron-LM: skipped: no Megatron venv (pass --megatron-python; install lines in "
@@ -159,7 +163,9 @@ def main() -> None:
              lambda: f"{(work / 'mlm_text_document.bin').stat().st_size // 2:,} tokens (uint16 .bin)")
 
     py = find_python(args.mindspeed_python, "MINDSPEED_PYTHON", "venv-mindspeed")
-    if not (MINDSPEED / "run.sh").exists():
+    if "alpaca" not in pairs:
+        pass
+    elif not (MINDSPEED / "run.sh").exists():
         print(f"\n== alpaca vs MindSpeed-LLM: skipped: {MINDSPEED / 'run.sh'} not found")
     elif py is None:
         print("\n== alpaca vs MindSpeed-LLM: skipped: no MindSpeed venv (pass --mindspeed-python; install lines "
@@ -167,7 +173,7 @@ def main() -> None:
     else:
         alp = work / "alpaca.jsonl"
         n = alpaca_side_file(corpus, alp)
-        print(f"\nalpaca side file: {n:,} records with instruction/input/output -> {alp}")
+        print(f"\nalpaca side file: {n:,} records with an instruction and a non-empty output -> {alp}")
         msp = work / "msp"
         pair(f"alpaca, packed at {args.seq_length}: packer --handler alpaca vs MindSpeed-LLM --pack --neat-pack",
              packer + ["--handler", "alpaca", "--input", str(alp), "--output-prefix", str(work / "packer_alpaca")],

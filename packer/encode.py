@@ -17,7 +17,7 @@ from packer.handlers import HandlerOptions, RecordError, get_handler
 from packer.indexed import token_dtype
 from packer.overflow import SampleTooLong, fit
 from packer.sources import BadRecord, LineBlock, RawRecord
-from packer.tokenize import SampleEncoder, load_tokenizer
+from packer.tokenize import SampleEncoder, load_tokenizer, utf8_encodable
 
 if TYPE_CHECKING:
     from packer.streaming import ArrowBatch
@@ -197,10 +197,3 @@ class RecordEncoder:
         mask = np.concatenate([m for _, m in out]) if out else np.zeros(0, np.uint8)
         return ids, mask, lengths
 
-
-def utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

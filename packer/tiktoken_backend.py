@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from packer.tokenize import utf8_encodable
+
 # The GPT-2 split pattern, which `ByteLevel(use_regex=True)` applies (tokenizers' byte_level.rs).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -125,7 +127,7 @@ def load(tokenizer_file: str | Path, tokenizer, sample: list[str] = (), probe: b
     enc, why = _BUILT[key]
     if enc is None or not probe:
         return enc, why
-    texts = [p for p in sample if isinstance(p, str) and enc.accepts(p) and _encodable(p)]
+    texts = [p for p in sample if isinstance(p, str) and enc.accepts(p) and utf8_encodable(p)]
     return (enc, "") if not texts else _probe(enc, tokenizer, texts)
 
 
@@ -181,11 +183,3 @@ def _build(tokenizer_file: Path, tokenizer) -> tuple[TiktokenEncoder | None, str
     probes = [p for p in (*PROBES, specials, f"a{specials}b") if enc.accepts(p)]
     return _probe(enc, tokenizer, probes)
 
-
-def _encodable(text: str) -> bool:
-    """Valid UTF-8 once encoded (a record's lone surrogate is its own error, reported by the encoder)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

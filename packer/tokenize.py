@@ -45,6 +45,15 @@ class TokenizerError(ValueError):
     pass
 
 
+def utf8_encodable(text: str) -> bool:
+    """False for text no tokenizer can take: a lone UTF-16 surrogate (e.g. a "\\ud800" JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class TokenizerInfo:
     path: str

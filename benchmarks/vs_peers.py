@@ -124,6 +124,19 @@ def pair(name: str, a: list[str], b: list[str], b_env: dict[str, str], runs: int
     print(f"  output: packer {summary['counts']}; peer {b_out()}")
 
 
+def ready(pair_name: str, pairs: set[str], title: str, peer: Path, python: str | None, flag: str) -> bool:
+    """Is this pair asked for and its peer runnable? Says why it is skipped otherwise."""
+    if pair_name not in pairs:
+        return False
+    if not (peer / "run.sh").exists():
+        print(f"\n== {title}: skipped: {peer / 'run.sh'} not found")
+        return False
+    if python is None:
+        print(f"\n== {title}: skipped: no venv for it (pass {flag}; install lines in {peer / 'README.md'})")
+        return False
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("corpus", type=Path)
@@ -147,14 +160,7 @@ def main() -> None:
           f"{args.workers} workers; {args.warmup} warm-up + {args.runs} interleaved runs per tool")
 
     py = find_python(args.megatron_python, "MEGATRON_PYTHON", "venv-megatron")
-    if "text" not in pairs:
-        pass
-    elif not (MEGATRON / "run.sh").exists():
-        print(f"\n== text vs Megatron-LM: skipped: {MEGATRON / 'run.sh'} not found")
-    elif py is None:
-        print("\n== text vs Megatron-LM: skipped: no Megatron venv (pass --megatron-python; install lines in "
-              f"{MEGATRON / 'README.md'})")
-    else:
+    if ready("text", pairs, "text vs Megatron-LM", MEGATRON, py, "--megatron-python"):
         mlm = work / "mlm"
         pair("text: packer --handler text vs Megatron-LM preprocess_data.py",
              packer + ["--handler", "text", "--input", str(corpus), "--output-prefix", str(work / "packer_text")],
@@ -163,14 +169,7 @@ def main() -> None:
              lambda: f"{(work / 'mlm_text_document.bin').stat().st_size // 2:,} tokens (uint16 .bin)")
 
     py = find_python(args.mindspeed_python, "MINDSPEED_PYTHON", "venv-mindspeed")
-    if "alpaca" not in pairs:
-        pass
-    elif not (MINDSPEED / "run.sh").exists():
-        print(f"\n== alpaca vs MindSpeed-LLM: skipped: {MINDSPEED / 'run.sh'} not found")
-    elif py is None:
-        print("\n== alpaca vs MindSpeed-LLM: skipped: no MindSpeed venv (pass --mindspeed-python; install lines "
-              f"in {MINDSPEED / 'README.md'})")
-    else:
+    if ready("alpaca", pairs, "alpaca vs MindSpeed-LLM", MINDSPEED, py, "--mindspeed-python"):
         alp = work / "alpaca.jsonl"
         n = alpaca_side_file(corpus, alp)
         print(f"\nalpaca side file: {n:,} records with an instruction and a non-empty output -> {alp}")

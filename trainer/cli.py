@@ -51,7 +51,12 @@ from packer.trainer.train import TrainConfig, train
     "--resume",
     type=click.Path(exists=True),
     default=None,
-    help="A --save directory (latest checkpoint) or one step_NNNNNN directory.",
+    help="A --save directory (its newest intact checkpoint) or one step_NNNNNN directory.",
+)
+@click.option(
+    "--allow-data-change",
+    is_flag=True,
+    help="Resume even though the data's checksums differ from the checkpoint's (rebuilt or other data).",
 )
 @click.option("--log-jsonl", type=click.Path(dir_okay=False), default=None, help="One JSON line per step.")
 @click.option("--seed", type=int, default=1234, show_default=True)
@@ -61,7 +66,7 @@ def train_command(no_progress: bool, **kwargs) -> None:
     try:
         cfg = TrainConfig(progress=not no_progress, **kwargs)
         logs = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments, data or checkpoints (CheckpointError), disk errors
         raise click.ClickException(str(e)) from e
     if logs and os.environ.get("RANK", "0") == "0":
         last = logs[-1]

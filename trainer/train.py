@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class TrainConfig:
     save: str | None = None
     save_every: int = 0  # 0: only at the end
     resume: str | None = None
+    allow_data_change: bool = False  # resume on data whose content differs from the checkpoint's
     log_jsonl: str | None = None
     seed: int = 1234
     progress: bool = True
@@ -226,12 +228,19 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
         **_primitive(dataclasses.asdict(cfg)),
         "model_config": model_cfg.to_dict(),
         "world_size": ddp.world_size,
+        "data_files": data_fingerprint(ds),
     }
 
     step = 0
     if cfg.resume:
-        state = checkpoint.load(cfg.resume, map_location="cpu")  # RNG states must stay on CPU
-        _check_resumable(state["args"], run_args, ddp.world_size)
+        loaded = checkpoint.load(cfg.resume, map_location="cpu")  # RNG states must stay on CPU
+        state = loaded.state
+        if ddp.is_main:
+            for why in loaded.skipped:
+                print(f"--resume: skipped {why}; resuming from {loaded.path}", file=sys.stderr)
+        note = _check_resumable(state["args"], run_args, ddp.world_size, cfg.allow_data_change)
+        if note and ddp.is_main:
+            print(note, file=sys.stderr)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         order.load_state_dict(state["data"])
@@ -349,7 +358,9 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
 _RESUME_MUST_MATCH = ("model_config", "micro_batch_size", "grad_accum", "seed", "seq_length", "attention")
 
 
-def _check_resumable(saved: dict, now: dict, world_size: int) -> None:
+def _check_resumable(saved: dict, now: dict, world_size: int, allow_data_change: bool = False) -> str | None:
+    """Refuse a resume that would not continue the saved run; returns a line to print where the data changed
+    and --allow-data-change lets it go on."""
     diff = [k for k in _RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
@@ -361,6 +372,34 @@ def _check_resumable(saved: dict, now: dict, world_size: int) -> None:
             f"--resume: the checkpoint was made with {saved['world_size']} ranks, now {world_size}; "
             f"resume with the same number of processes"
         )
+    was, new = saved.get("data_files"), now.get("data_files")
+    if was is None or new is None or was == new:  # a dataset without a manifest has nothing to compare
+        return None
+    changed = ", ".join(sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k)))
+    what = (
+        f"the data's content differs from the checkpoint's (sha256 of {changed} in the manifest; "
+        f"trained on {saved.get('data')}, now {now.get('data')})"
+    )
+    if not allow_data_change:
+        raise ValueError(
+            f"--resume: {what}; resume on the data it was trained on, or pass --allow-data-change to "
+            f"continue on this data"
+        )
+    return f"--resume: {what}; continuing on it (--allow-data-change)"
+
+
+def data_fingerprint(ds) -> dict[str, str] | None:
+    """What identifies the data's content: the manifest's sha256 of each file, keyed by the file's name after
+    the prefix (".bin", "_loss_mask.idx", ...) so a moved or renamed copy matches. None without a manifest."""
+    manifest = getattr(ds, "manifest", None)
+    if not manifest or not isinstance(manifest.get("files"), dict):
+        return None
+    stem = Path(getattr(ds, "prefix", "")).name
+    return {
+        (name[len(stem) :] if stem and name.startswith(stem) else name): str(entry.get("sha256"))
+        for name, entry in sorted(manifest["files"].items())
+        if isinstance(entry, dict)
+    }
 
 
 def _primitive(d: dict) -> dict:

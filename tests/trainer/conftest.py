@@ -93,3 +93,43 @@ def alpaca_prefix(tmp_path_factory) -> str:
     if proc.returncode != 0:
         pytest.fail(f"packer build failed:\n{proc.stdout}\n{proc.stderr}")
     return str(tmp / "alpaca")
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """tiny_build(name, seed) -> prefix: `packer build` of 40 random texts over a 62-word WordLevel vocabulary,
+    seq_length 32. Builds with different seeds share the tokenizer but not the corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from packer.build import build
+    from packer.config import BuildConfig
+
+    root = tmp_path_factory.mktemp("tiny_build")
+    words = [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        [" ".join(words)], trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"])
+    )
+    tok.save(str(root / "tokenizer.json"))
+
+    def make(name: str, seed: int) -> str:
+        rng = np.random.default_rng(seed)
+        corpus = root / f"{name}.jsonl"
+        lines = [
+            json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(3, 20))))}) for _ in range(40)
+        ]
+        corpus.write_text("\n".join(lines) + "\n")
+        prefix = str(root / name)
+        config = BuildConfig(
+            handler="text",
+            inputs=(str(corpus),),
+            tokenizer=str(root / "tokenizer.json"),
+            seq_length=32,
+            output_prefix=prefix,
+            eod_token="<|endoftext|>",
+        )
+        build(config, progress=False)
+        return prefix
+
+    return make

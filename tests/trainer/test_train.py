@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from packer.trainer import checkpoint
 from packer.trainer.cli import train_command
 from packer.trainer.train import TrainConfig, lr_at, train
 
@@ -79,17 +78,6 @@ def test_sample_average_and_bf16_run():
     ds = FakePackedDataset(n_packs=4)
     recs = run(ds, steps=2, micro_batch_size=2, loss_average="sample", dtype="bf16")
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in recs)
-
-
-def test_checkpoint_latest_ignores_partial_saves(tmp_path):
-    checkpoint.save(tmp_path, 2, {"step": 2})
-    checkpoint.save(tmp_path, 10, {"step": 10})
-    (tmp_path / ".tmp_step_000020").mkdir()  # a crash mid-save
-    (tmp_path / "step_000030").mkdir()  # not a checkpoint: no state file
-    assert checkpoint.resolve(tmp_path).name == "step_000010"
-    assert checkpoint.load(tmp_path / "step_000002")["step"] == 2
-    with pytest.raises(FileNotFoundError, match="--resume"):
-        checkpoint.resolve(tmp_path / "step_000030")
 
 
 # ---------------------------------------------------------------- real packed Alpaca, through the CLI

@@ -41,11 +41,16 @@ class BuildResult:
 
 
 def open_input(config: BuildConfig, columns: set[str]):
-    """(batches of this shard's raw records, how many records the shard holds if that is cheap to know)."""
-    if config.streaming:
+    """(batches of this shard's raw records, how many records the shard holds if that is cheap to know).
+    Local files are read by packer's own readers with or without --streaming (they hold one batch at a time
+    either way), so the two modes read the same records, values and errors; `datasets` reads the Hub."""
+    if config.hf_dataset:
         from packer.streaming import open_stream
 
         return open_stream(config, columns)
+    if config.hf_datasets_params:
+        raise BuildError(f"--hf-datasets-params {config.hf_datasets_params}: applies to --hf-dataset only; local "
+                         "files are read by packer's own reader (drop the option)")
     inputs = check_inputs(config.inputs)
     known = [count_records(p) for p in inputs]
     total = sum(known) if all(k is not None for k in known) else None

@@ -63,6 +63,31 @@ class Chunk:
                      np.concatenate([p.lengths for p in parts]), [r for p in parts for r in p.rejects], c)
 
 
+_MAX_REJECT_DEPTH = 64  # deeper records go to the rejects file as text: pickle and json.dumps recurse
+
+
+def _storable(rec: RawRecord, data: Any) -> Any:
+    """The record as the rejects file holds it: the JSON value itself, or, for one that JSON cannot hold or
+    that is nested too deep to pass between processes, its text (the line, or Python's repr of a Parquet row)."""
+    if isinstance(data, BadRecord):
+        return data.raw
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > _MAX_REJECT_DEPTH:
+                break
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+        elif not (value is None or isinstance(value, (str, int, bool)) or
+                  (isinstance(value, float) and np.isfinite(value))):
+            break
+    else:
+        return data
+    if rec.raw:
+        return rec.data.decode("utf-8", errors="replace") if isinstance(rec.data, bytes) else rec.data
+    return repr(data)[:10_000]
+
+
 class RecordEncoder:
     """handler + tokenizer + overflow policy for one process; `encode` turns raw records into a Chunk."""
 
@@ -138,9 +163,8 @@ class RecordEncoder:
             if self.config.on_error == "fail":
                 raise BuildError(message + " (or pass --on-error skip to skip and count such records)") from e
             c.skipped += 1
-            raw = data.raw if isinstance(data, BadRecord) else data
             rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
-                            "error": e.message, "data": raw})
+                            "error": e.message, "data": _storable(rec, data)})
 
         segments, kept, kept_data = [], [], []
         for rec in records:

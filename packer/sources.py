@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from packer.json_array import ArrayError, read_array, starts_array
+
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -33,10 +35,16 @@ class RawRecord(NamedTuple):
             # Strictly UTF-8: json.loads(bytes) would guess UTF-16/32 and let encoded surrogates through.
             return json.loads(self.data.decode("utf-8") if isinstance(self.data, bytes) else self.data)
         except json.JSONDecodeError as e:
-            return BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line", _head(self.data))
+            text = self.data.decode("utf-8", errors="replace") if isinstance(self.data, bytes) else self.data
+            hint = ("; its lines end with a bare CR (\\r): convert them to \\n (e.g. `tr '\\r' '\\n'`)"
+                    if "\r" in text.rstrip("\r\n") and e.msg == "Extra data" else "")
+            return BadRecord(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}){hint}; fix or "
+                             "remove the line", _head(self.data))
         except UnicodeDecodeError as e:
             return BadRecord(f"not UTF-8 (byte {e.start + 1} of the line); re-encode the file as UTF-8",
                              _head(self.data))
+        except (ValueError, RecursionError) as e:  # valid JSON that Python cannot hold
+            return BadRecord(_unparsable(e), _head(self.data))
 
     def where(self) -> str:
         loc = f"record {self.number}" + (f" (line {self.line})" if self.line is not None else "")
@@ -203,8 +211,37 @@ def check_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             raise InputError(f"input {p} is a directory; pass the .json/.jsonl/.parquet files (a shell glob works)")
         if p.suffix.lower() not in SUFFIXES:
             raise InputError(f"input {p}: unsupported extension {p.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+        _check_content(p)
         out.append(p)
     return out
+
+
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
+               b"BZh": ("bzip2", "bunzip2 -k"), b"\xfd7zXZ\x00": ("xz", "unxz -k"), b"PK\x03\x04": ("zip", "unzip")}
+
+
+def _check_content(p: Path) -> None:
+    """What the name says: a compressed file under a .jsonl name, or a .parquet file without Parquet's magic
+    bytes, is named here instead of failing deep inside a reader (pyarrow can abort on some)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            size = f.seek(0, os.SEEK_END)
+            if size >= 4:
+                f.seek(-4, os.SEEK_END)
+            tail = f.read(4)
+    except OSError as e:
+        raise InputError(f"input {p}: cannot be read ({e.strerror})") from e
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and p.suffix.lower() != ".parquet":
+        raise InputError(f"input {p}: UTF-16 text (it starts with a UTF-16 byte-order mark); re-encode it as "
+                         f"UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8 {p}`)")
+    for magic, (kind, command) in _COMPRESSED.items():
+        if head.startswith(magic) and p.suffix.lower() != ".parquet":
+            raise InputError(f"input {p}: {kind}-compressed, not {p.suffix} text; decompress it first "
+                             f"(`{command} {p}`) and pass the result")
+    if p.suffix.lower() == ".parquet" and (size < 12 or not head.startswith(b"PAR1") or tail != b"PAR1"):
+        what = "empty" if not size else "truncated or not Parquet (no PAR1 magic at both ends)"
+        raise InputError(f"input {p}: {what}; rewrite it (e.g. with pyarrow.parquet.write_table) or remove it")
 
 
 def count_records(path: Path) -> int | None:
@@ -212,9 +249,14 @@ def count_records(path: Path) -> int | None:
     (one pass at ~1 GB/s, small next to tokenizing). None for JSON arrays, known only once parsed."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{path}: Parquet metadata cannot be read ({type(e).__name__}: {e}); rewrite the "
+                             "file (e.g. with pyarrow.parquet.write_table)") from e
     if path.suffix.lower() == ".jsonl" or _looks_like_jsonl(path):
         count, first = 0, True
         with open(path, "rb") as f:
@@ -288,6 +330,29 @@ def read_batches(paths: Sequence[Path], batch_size: int, num_shards: int = 1,
 
 
 def _read_json_array(path: Path) -> Iterator[RawRecord]:
+    if not starts_array(path):
+        yield from _read_json_document(path)
+        return
+    number = 0
+    try:
+        for line, element in read_array(path):
+            number += 1
+            if isinstance(element, Exception):
+                yield RawRecord(str(path), number, line, BadRecord(_unparsable(element), ""))
+            else:
+                yield RawRecord(str(path), number, line, element, raw=True)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start + 1}: {e.reason}); re-encode the file as UTF-8") from e
+    except ArrayError as e:
+        raise InputError(
+            f"{path}: invalid JSON at line {e.line} column {e.column} ({e.msg.removesuffix(' at')}), after {number} "
+            "records; a .json "
+            "input must be one JSON array of records (use .jsonl for one record per line)"
+        ) from e
+
+
+def _read_json_document(path: Path) -> Iterator[RawRecord]:
+    """A .json file that is not an array: a {"data": [...]} wrapper, or JSON Lines whose first line is broken."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
@@ -303,6 +368,8 @@ def _read_json_array(path: Path) -> Iterator[RawRecord]:
             f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); a .json input must be one JSON "
             "array of records (use .jsonl for one record per line)"
         ) from e
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path}: {_unparsable(e)}") from e
     if isinstance(data, dict):
         # A single record, or the common {"data": [...]} wrapper.
         lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
@@ -316,11 +383,23 @@ def _read_json_array(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(str(path), i, None, rec)
 
 
+def _unparsable(e: Exception) -> str:
+    """Why valid JSON cannot be read into Python: too deep, or an integer over Python's digit limit."""
+    if isinstance(e, RecursionError):
+        return ("nested deeper than the JSON parser allows (about 1,000 levels); flatten or remove the record")
+    return f"{e}".split(";")[0] + "; write such numbers as strings, or remove the record"
+
+
 def _read_parquet(path: Path, batch_size: int = 1024) -> Iterator[RawRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        for rec in batch.to_pylist():
-            number += 1
-            yield RawRecord(str(path), number, None, rec)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            for rec in batch.to_pylist():
+                number += 1
+                yield RawRecord(str(path), number, None, rec)
+    except (pa.ArrowException, OSError) as e:  # corrupt pages, unsupported encodings
+        raise InputError(f"{path}: Parquet cannot be read after record {number} ({type(e).__name__}: {e}); "
+                         "rewrite the file (e.g. with pyarrow.parquet.write_table)") from e

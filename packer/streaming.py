@@ -1,8 +1,9 @@
-"""`--streaming`: read any input as a `datasets.IterableDataset`, in bounded memory.
+"""`--streaming --hf-dataset NAME`: read a Hub dataset as a `datasets.IterableDataset`, in bounded memory.
 
-Local files (json, jsonl, parquet; globs allowed) go through the `json`/`parquet` builders; a Hub dataset
-through `load_dataset(NAME, CONFIG, split=..., streaming=True, **params)`, with `params` read from
-`--hf-datasets-params FILE.json` as ModelLink does. The result is the same `RawRecord` stream the in-memory
+`load_dataset(NAME, CONFIG, split=..., streaming=True, **params)`, with `params` read from
+`--hf-datasets-params FILE.json` as ModelLink does. Local files never come here: packer's own readers read
+them identically with and without --streaming (`datasets`' JSON reader infers one Arrow schema per chunk and
+coerces or re-parses values that do not fit it). The result is the same `RawRecord` stream the local
 readers give, so handlers, workers, sharding and errors behave identically. `datasets` unifies the schema
 of a stream, filling keys a record lacks with None; those Nones are dropped again so that a handler sees
 each record as it was written. `packer build` imports `datasets` with `USE_TORCH=0` (see packer.cli): it would
@@ -14,15 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from packer.sources import InputError, RawRecord, _looks_like_jsonl, check_inputs, read_records
-
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+from packer.sources import InputError, RawRecord
 
 
 def _drop_nones(x: Any) -> Any:
@@ -94,85 +92,29 @@ def open_stream(config, columns: set[str] | frozenset[str] | None = None) -> tup
 
     datasets.logging.set_verbosity_error()  # parse failures are reported by us, with the fix
     params = _load_params(config.hf_datasets_params)
-    if config.hf_dataset:
-        source = config.hf_dataset + (f"/{config.hf_config}" if config.hf_config else "")
-        try:
-            ds = datasets.load_dataset(config.hf_dataset, config.hf_config, split=config.split, streaming=True,
-                                       **params)
-        except Exception as e:  # datasets raises many types for missing/unreachable datasets
-            raise InputError(f"--hf-dataset {source}: {type(e).__name__}: {e}") from e
-    else:
-        files = [str(p) for p in check_inputs(config.inputs)]
-        kinds = {_BUILDERS.get(Path(f).suffix.lower()) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise InputError(
-                f"--streaming needs inputs of one kind (.json/.jsonl or .parquet), got {sorted(map(str, kinds))}; "
-                "build them separately and `packer merge` the results"
-            )
-        kind = kinds.pop()
-        # One stream per file, opened when reached, so that records are numbered within their own file.
-        def opener(f: str):
-            def open_ds():
-                return datasets.load_dataset(kind, data_files=[f], split="train", streaming=True, **params)
-            return open_ds
-
-        streams = [(f, opener(f)) for f in files]
+    source = config.hf_dataset + (f"/{config.hf_config}" if config.hf_config else "")
+    try:
+        ds = datasets.load_dataset(config.hf_dataset, config.hf_config, split=config.split, streaming=True,
+                                   **params)
+    except Exception as e:  # datasets raises many types for missing/unreachable datasets
+        raise InputError(f"--hf-dataset {source}: {type(e).__name__}: {e}") from e
     total = None
-    if not config.hf_dataset:
-        from packer.sources import count_records
-
-        counts = [count_records(Path(f)) for f in files]
-        total = sum(counts) if all(c is not None for c in counts) else None
-    else:
-        streams = [(source, lambda: ds)]
-        info_splits = getattr(ds.info, "splits", None)
-        if info_splits and config.split in info_splits and info_splits[config.split].num_examples:
-            total = int(info_splits[config.split].num_examples)
+    info_splits = getattr(ds.info, "splits", None)
+    if info_splits and config.split in info_splits and info_splits[config.split].num_examples:
+        total = int(info_splits[config.split].num_examples)
     if total is not None and config.num_shards > 1:
         total = len(range(config.shard_index, total, config.num_shards))
-    return _stream_batches(streams, set(columns) if columns is not None else None, config), total
+    return _stream_batches(ds, source, set(columns) if columns is not None else None, config), total
 
 
-class StreamParseError(InputError):
-    def __init__(self, source: str, start: int, cause: Exception):
-        self.source, self.start = source, start
-        super().__init__(
-            f"{source}: `datasets` could not read the records after record {start} ({type(cause).__name__}: "
-            f"{cause}); fix the file, or pass --on-error skip: JSON Lines are then re-read line by line from "
-            "there, and the bad lines reported and skipped"
-        )
-
-
-def _stream_batches(streams, columns: set[str] | None, config) -> Iterator[ArrowBatch | list[RawRecord]]:
-    seen = 0  # records before this file, over all files: shards take every K-th record of the whole input
-    for source, open_ds in streams:
-        try:
-            for batch, n in _arrow_batches(open_ds(), source, columns, config.batch_size, config.num_shards,
-                                           config.shard_index, seen):
-                seen += n
-                if batch is not None:
-                    yield batch
-        except StreamParseError as e:
-            if config.on_error != "skip" or not _looks_like_lines(source):
-                raise
-            # The rest of this file, line by line: same records, numbered the same, bad lines become
-            # per-record errors that --on-error skip counts and writes to the rejects file.
-            rest = islice(read_records([Path(source)]), e.start, None)
-            for batch in _batched(rest, config.batch_size):
-                keep = [r for i, r in enumerate(batch, start=seen) if i % config.num_shards == config.shard_index]
-                seen += len(batch)
-                if keep:
-                    yield keep
-
-
-def _looks_like_lines(source: str) -> bool:
-    path = Path(source)
-    return path.is_file() and (path.suffix.lower() == ".jsonl" or _looks_like_jsonl(path))
-
-
-def _batched(it: Iterator[RawRecord], size: int) -> Iterator[list[RawRecord]]:
-    while batch := list(islice(it, size)):
-        yield batch
+def _stream_batches(ds, source: str, columns: set[str] | None, config) -> Iterator[ArrowBatch]:
+    try:
+        for batch, _ in _arrow_batches(ds, source, columns, config.batch_size, config.num_shards,
+                                       config.shard_index, 0):
+            if batch is not None:
+                yield batch
+    except Exception as e:  # pyarrow/datasets errors while streaming: name the dataset
+        raise InputError(f"--hf-dataset {source}: reading failed ({type(e).__name__}: {e})") from e
 
 
 def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, num_shards: int, shard_index: int,
@@ -191,7 +133,8 @@ def _arrow_batches(ds, source: str, columns: set[str] | None, batch_size: int, n
         except StopIteration:
             return
         except Exception as e:  # pyarrow/datasets parse errors: name where the stream broke
-            raise StreamParseError(source, start, e) from e
+            raise InputError(f"--hf-dataset {source}: reading the records after record {start} failed "
+                             f"({type(e).__name__}: {e})") from e
         read = table.num_rows
         numbers = np.arange(start + 1, start + read + 1)
         start += read

@@ -306,7 +306,7 @@ def test_bad_records_fail(tmp_path, gpt2_tokenizer, first_bad, pattern):
 
 def test_bad_record_in_json_array_names_record(tmp_path, gpt2_tokenizer, helpers):
     p = helpers.write_json(tmp_path / "arr.json", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
-    with pytest.raises(BuildError, match=r"arr\.json: record 2: field 'output'"):
+    with pytest.raises(BuildError, match=r"arr\.json: record 2 \(line 1\): field 'output'"):
         small_build(tmp_path, gpt2_tokenizer, inputs=(str(p),))
 
 

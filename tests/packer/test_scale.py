@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from packer.build import build
 from packer.cli import main
-from packer.config import BuildConfig
+from packer.config import BuildConfig, BuildError
 from packer.dataset import PackedDataset
 from packer.merge import MergeError, merge
 from packer.verify import verify
@@ -145,11 +145,13 @@ def test_streaming_glob_and_params(tmp_path: Path, jsonl_demo: str) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text("".join(lines[:200]), encoding="utf-8")
     (tmp_path / "in" / "b.jsonl").write_text("".join(lines[200:]), encoding="utf-8")
-    params = tmp_path / "params.json"
-    params.write_text(json.dumps({"streaming": True}), encoding="utf-8")  # ours to set: dropped, not doubled
-    r = build(config(tmp_path, "g", inputs=(str(tmp_path / "in" / "*.jsonl"),), streaming=True,
-                     hf_datasets_params=str(params)), progress=False)
+    r = build(config(tmp_path, "g", inputs=(str(tmp_path / "in" / "*.jsonl"),), streaming=True), progress=False)
     assert r.counters.records == len(lines)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"field": "data"}), encoding="utf-8")
+    with pytest.raises(BuildError, match="applies to --hf-dataset only"):  # never silently ignored
+        build(config(tmp_path, "p", inputs=(str(tmp_path / "in" / "*.jsonl"),), streaming=True,
+                     hf_datasets_params=str(params)), progress=False)
     with pytest.raises(Exception, match="matches no file"):
         build(config(tmp_path, "x", inputs=(str(tmp_path / "none" / "*.jsonl"),), streaming=True), progress=False)
 
@@ -192,7 +194,7 @@ def test_streaming_errors_name_the_file_and_its_own_record_number(tmp_path: Path
     b = write_lines(tmp_path / "b.jsonl", [GOOD, GOOD, {"instruction": "x", "input": ""}, GOOD])
     from packer.config import BuildError
 
-    with pytest.raises(BuildError, match=r"b\.jsonl: record 3: field 'output'"):
+    with pytest.raises(BuildError, match=r"b\.jsonl: record 3 \(line 3\): field 'output'"):
         build(config(tmp_path, "e", inputs=(a, b), streaming=True), progress=False)
 
 
@@ -256,7 +258,7 @@ def test_slurm_array_with_a_step(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_streaming_skips_unparsable_lines_like_the_global_build(tmp_path: Path) -> None:
-    from packer.sources import InputError
+    from packer.config import BuildError
 
     path = write_lines(tmp_path / "bad.jsonl", [GOOD] * 3 + ['{"instruction": broken'] + [GOOD] * 700)
     g = build(config(tmp_path, "g", inputs=(path,), on_error="skip"), progress=False)
@@ -266,7 +268,7 @@ def test_streaming_skips_unparsable_lines_like_the_global_build(tmp_path: Path) 
     assert samples(s.prefix) == samples(g.prefix)
     reject = json.loads((tmp_path / "s.rejects.jsonl").read_text(encoding="utf-8"))
     assert (reject["record"], reject["line"]) == (4, 4)
-    with pytest.raises(InputError, match="--on-error skip"):
+    with pytest.raises(BuildError, match=r"record 4 \(line 4\).*invalid JSON.*--on-error skip"):
         build(config(tmp_path, "f", inputs=(path,), streaming=True), progress=False)
 
 

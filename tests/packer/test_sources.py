@@ -23,8 +23,8 @@ from packer.sources import (
 def test_json_array(tmp_path, helpers):
     p = helpers.write_json(tmp_path / "a.json", [{"x": 1}, {"x": 2}])
     recs = list(read_records([p]))
-    assert [(r.number, r.line, r.parsed()) for r in recs] == [(1, None, {"x": 1}), (2, None, {"x": 2})]
-    assert recs[1].where() == f"{p}: record 2"
+    assert [(r.number, r.line, r.parsed()) for r in recs] == [(1, 1, {"x": 1}), (2, 1, {"x": 2})]
+    assert recs[1].where() == f"{p}: record 2 (line 1)"
 
 
 def test_jsonl_numbers_records_and_lines(tmp_path):

@@ -55,11 +55,12 @@ class _Window:
         start = len(self.buf)
         while not self.eof and len(self.buf) - start < max(want, 1):
             data = self.f.read(max(self.piece, want))
+            pending = len(self.decoder.getstate()[0])  # bytes of a character cut by the last piece
             try:
                 self.buf += self.decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                raise UnicodeDecodeError(e.encoding, e.object, self.offset + e.start, self.offset + e.end,
-                                         e.reason) from None
+                base = self.offset - pending
+                raise UnicodeDecodeError(e.encoding, e.object, base + e.start, base + e.end, e.reason) from None
             self.offset += len(data)
             self.eof = not data
         return True
@@ -136,8 +137,8 @@ def _element(w: _Window) -> tuple[int, Exception | None]:
                     continue
                 raise w.error("Unterminated value") from None
             return end, e
-        if end == len(w.buf) and w.more():  # a number may go on in the next piece
-            continue
+        if w.buf[w.pos] in "-0123456789" and _NUMBER.match(w.buf, w.pos).end() == len(w.buf) and w.more():
+            continue  # a number may go on in the next piece ("1" of "1.5e-07")
         return end, None
 
 

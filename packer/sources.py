@@ -391,15 +391,38 @@ def _unparsable(e: Exception) -> str:
 
 
 def _read_parquet(path: Path, batch_size: int = 1024) -> Iterator[RawRecord]:
+    """Rows as dicts. Columns of Arrow's JSON extension type (what `datasets` writes for its `Json` feature,
+    e.g. MOSS's nested `chat`) hold JSON text and are decoded, as `datasets` reads them back."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        file = pq.ParquetFile(path)
+        json_columns = [f.name for f in file.schema_arrow if _is_json_type(f.type)]
+        for batch in file.iter_batches(batch_size=batch_size):
             for rec in batch.to_pylist():
                 number += 1
-                yield RawRecord(str(path), number, None, rec)
+                yield RawRecord(str(path), number, None, _decode_json_columns(rec, json_columns))
     except (pa.ArrowException, OSError) as e:  # corrupt pages, unsupported encodings
         raise InputError(f"{path}: Parquet cannot be read after record {number} ({type(e).__name__}: {e}); "
                          "rewrite the file (e.g. with pyarrow.parquet.write_table)") from e
+
+
+def _is_json_type(t) -> bool:
+    return getattr(t, "extension_name", None) == "arrow.json"
+
+
+def _decode_json_columns(rec: dict, columns: list[str]) -> dict | BadRecord:
+    for name in columns:
+        text = rec.get(name)
+        if text is None:
+            continue
+        try:
+            rec[name] = json.loads(text)
+        except json.JSONDecodeError as e:
+            return BadRecord(f"column {name!r} (Arrow JSON type) holds invalid JSON ({e.msg} at column {e.colno}); "
+                             "fix or remove the record", _head(text))
+        except (ValueError, RecursionError) as e:
+            return BadRecord(f"column {name!r}: {_unparsable(e)}", _head(text))
+    return rec

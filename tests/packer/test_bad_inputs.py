@@ -246,3 +246,25 @@ def test_cli_gives_one_clean_line(tmp_path: Path, kind: str) -> None:
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
     if p.returncode:
         assert str(path) in p.stderr
+
+
+def test_parquet_json_columns_are_decoded_as_datasets_wrote_them(tmp_path: Path) -> None:
+    """`datasets` stores a nested column (MOSS's `chat`) as Arrow's JSON extension type: the same records as
+    the JSON Lines it came from, and a broken JSON value is that record's error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = {"turn_1": {"Human": "<|Human|>: hi<eoh>\n", "MOSS": "<|MOSS|>: hello<eom>\n"}}
+    rows = [{"num_turns": 1, "chat": chat}, {"num_turns": 1, "chat": chat | {"turn_1": chat["turn_1"]}}]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(lines(*rows))
+    table = pa.table({"num_turns": pa.array([1, 1, 1]),
+                      "chat": pa.array([json.dumps(r["chat"]) for r in rows] + ['{"turn_1": '], pa.json_())})
+    pq.write_table(table, tmp_path / "m.parquet")
+    kw = dict(handler="moss", tokenizer=GPT2, seq_length=256, tokenizer_backend="hf", on_error="skip")
+    a = build(BuildConfig(inputs=(str(jsonl),), output_prefix=str(tmp_path / "a"), **kw), progress=False)
+    b = build(BuildConfig(inputs=(str(tmp_path / "m.parquet"),), output_prefix=str(tmp_path / "b"), **kw),
+              progress=False)
+    assert (a.counters.samples, b.counters.samples, b.counters.skipped) == (2, 2, 1)
+    assert Path(a.prefix + ".bin").read_bytes() == Path(b.prefix + ".bin").read_bytes()
+    assert "Arrow JSON type" in Path(b.prefix + ".rejects.jsonl").read_text(encoding="utf-8")

@@ -40,7 +40,7 @@ class BuildResult:
     manifest: dict[str, Any]
 
 
-def open_input(config: BuildConfig, columns: set[str]):
+def open_input(config: BuildConfig, columns: set[str], count: bool = True):
     """(batches of this shard's raw records, how many records the shard holds if that is cheap to know).
     Local files are read by packer's own readers with or without --streaming (they hold one batch at a time
     either way), so the two modes read the same records, values and errors; `datasets` reads the Hub."""
@@ -52,6 +52,8 @@ def open_input(config: BuildConfig, columns: set[str]):
         raise BuildError(f"--hf-datasets-params {config.hf_datasets_params}: applies to --hf-dataset only; local "
                          "files are read by packer's own reader (drop the option)")
     inputs = check_inputs(config.inputs)
+    if not count:  # the count is only for the progress bar; it costs a pass over JSON Lines input
+        return read_batches(inputs, config.batch_size, config.num_shards, config.shard_index), None
     known = [count_records(p) for p in inputs]
     total = sum(known) if all(k is not None for k in known) else None
     if total is not None and config.num_shards > 1:
@@ -63,7 +65,7 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
     config.validate()
     t0 = time.perf_counter()
     main = RecordEncoder(config)  # validates handler/tokenizer options before any work
-    batches, total = open_input(config, main.handler.input_columns)
+    batches, total = open_input(config, main.handler.input_columns, count=progress)
     first = next(iter(batches), None)  # the backend's probe reads the first records too
     if first is not None:
         main.choose_backend(first if isinstance(first, list) else first.records())

@@ -122,7 +122,7 @@ def _read_whole_lines(f, size: int) -> bytes:
 
 
 def read_line_blocks(path: Path, first_index: int = 0, num_shards: int = 1, shard_index: int = 0,
-                     records_per_block: int = 512, read_bytes: int = 1 << 18,
+                     records_per_block: int = 512, read_bytes: int = 1 << 20,
                      max_block_bytes: int = 16 << 20) -> Iterator[LineBlock]:
     """A JSON Lines file as LineBlocks of `records_per_block` records, or fewer where that many would pass
     `max_block_bytes` (a block always holds at least one record) and at the end of the file. Linear: each byte

@@ -69,6 +69,15 @@ class TiktokenEncoder:
         encode, allowed = self.encoding.encode, self.encoding.special_tokens_set
         return [encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
 
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all texts back to back, int64; ids per text): the same ids as `encode_batch`, without Python
+        ints in between (encode_to_numpy wraps tiktoken's own buffer; 10-15% less time than lists here)."""
+        encode, allowed = self.encoding.encode_to_numpy, self.encoding.special_tokens_set
+        arrays = [encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
+        counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        ids = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+        return ids, counts
+
 
 def _qualifies(spec: dict) -> str | None:
     """Why this tokenizer.json is not one tiktoken reproduces, or None."""
@@ -156,15 +165,18 @@ def _build(tokenizer_file: Path, tokenizer) -> tuple[TiktokenEncoder | None, str
         return None, "the pre-tokenizer is not ByteLevel with a regex, or one Split regex + ByteLevel"
     decode = byte_decoder()
     vocab = spec["model"]["vocab"]
-    try:
-        ranks = {bytes(decode[c] for c in token): rank for token, rank in vocab.items()}
-    except KeyError:
+    if not set("".join(vocab)) <= decode.keys():
         return None, "a vocabulary entry is not in the byte-level alphabet"
+    # Each alphabet character -> the character of its byte, then latin-1: one C call per entry (a generator of
+    # bytes per entry took 0.15 s for GPT-2's 50k and 0.5 s for a 150k vocabulary at every start).
+    to_byte = str.maketrans({c: chr(b) for c, b in decode.items()})
+    ranks = {token.translate(to_byte).encode("latin-1"): rank for token, rank in vocab.items()}
     if len(ranks) != len(vocab):
         return None, "two vocabulary entries spell the same bytes"
     # Added tokens are matched in the text before any splitting, as tokenizers does: tiktoken's special tokens.
     special = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-    ranks = {b: r for b, r in ranks.items() if r not in set(special.values())}
+    special_ids = set(special.values())
+    ranks = {b: r for b, r in ranks.items() if r not in special_ids}
     try:
         encoding = tiktoken.Encoding(name=f"packer:{Path(tokenizer_file).name}", pat_str=pattern,
                                      mergeable_ranks=ranks, special_tokens=special)

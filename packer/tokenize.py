@@ -281,22 +281,24 @@ class SampleEncoder:
         self.twin = twin
         return True
 
-    def _twin_encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _twin_encode(self, texts: list[str], need_chars: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """(ids, lengths, last character of each token on the batch's character axis, covers text) through the
         tiktoken twin: the post-processor's fixed prefix/suffix ids are added here, and each token's last
         character comes from the tokens' byte lengths (the same character `tokenizers`' offsets name: a token that
-        ends inside a multi-byte character covers that character)."""
-        lists = self.twin.encode_batch(texts)
+        ends inside a multi-byte character covers that character). Without `need_chars` (every token a target)
+        the characters are not computed: None."""
+        text_ids, text_counts = self.twin.encode_flat(texts)
         head, tail = self._head_ids, self._tail_ids
-        text_counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        text_ids = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(text_counts.sum()))
-        # Byte -> character on the batch's axis: a character starts at every byte that is not a continuation.
-        raw = np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8)
-        char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
-        byte_end = np.cumsum(self.twin.token_bytes[text_ids])
-        if byte_end.size and byte_end[-1] != raw.size:
-            raise RuntimeError("tiktoken twin: token bytes do not add up to the text")  # never: ids are exact
-        text_last = char_of_byte[byte_end - 1] if text_ids.size else np.zeros(0, np.int64)
+        text_last = None
+        if need_chars:
+            # Byte -> character on the batch's axis: a character starts at every byte that is not a continuation.
+            raw = np.frombuffer("".join(texts).encode("utf-8"), dtype=np.uint8)
+            char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
+            byte_end = np.cumsum(self.twin.token_bytes[text_ids])
+            if byte_end.size and byte_end[-1] != raw.size:
+                raise RuntimeError("tiktoken twin: token bytes do not add up to the text")  # never: ids are exact
+            text_last = char_of_byte[byte_end - 1] if text_ids.size else np.zeros(0, np.int64)
         h, t = len(head), len(tail)
         lengths = text_counts + h + t
         if not h and not t:
@@ -310,10 +312,12 @@ class SampleEncoder:
             is_text[starts + lengths - t + k] = False
         ids = np.empty(total, dtype=np.int64)
         ids[is_text] = text_ids
-        affix = np.tile(np.asarray([*head, *tail], dtype=np.int64), len(lists))
+        affix = np.tile(np.asarray([*head, *tail], dtype=np.int64), len(texts))
         ids[~is_text] = affix
-        last_char = np.full(total, -1, dtype=np.int64)
-        last_char[is_text] = text_last
+        last_char = None
+        if text_last is not None:
+            last_char = np.full(total, -1, dtype=np.int64)
+            last_char[is_text] = text_last
         return ids, lengths, last_char, is_text
 
     def encode_flat(self, batch: Sequence[Sequence[Segment]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -331,7 +335,7 @@ class SampleEncoder:
         char_base = np.cumsum(text_lens) - text_lens  # where each text starts on one global character axis
         fast = False
         if self.twin is not None and all(map(self.twin.accepts, texts)):
-            ids, lengths, last_char, covers_text = self._twin_encode(texts)
+            ids, lengths, last_char, covers_text = self._twin_encode(texts, need_chars=not all_target)
         else:
             # Without offsets, the tokens the post-processor added are found by position: its fixed prefix/suffix.
             fast = all_target and self._affix is not None and self._encode_fast is not None

@@ -49,6 +49,16 @@ def token_positions(starts: np.ndarray, lengths: np.ndarray, extent: int) -> np.
     return where
 
 
+def gather(arrays: tuple[np.ndarray, ...], starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """Each array's samples at `starts` with `lengths`, concatenated in that order: one contiguous slice per
+    sample (samples average hundreds of tokens: 2x faster than fancy indexing with `token_positions`)."""
+    bounds = list(zip(starts.tolist(), (starts + lengths).tolist(), strict=True))
+    out = []
+    for a in arrays:
+        out.append(np.concatenate([a[i:j] for i, j in bounds]) if bounds else a[:0])
+    return out
+
+
 def write_global(plan: PackPlan, lengths: np.ndarray, spill: SampleSpill, out: PackWriter, progress: bool,
                  chunk_tokens: int = 1 << 18, chunk_samples: int = 256) -> None:
     """Gather the spilled samples in pack order, a group of whole packs at a time (at most chunk_tokens tokens
@@ -68,8 +78,8 @@ def write_global(plan: PackPlan, lengths: np.ndarray, spill: SampleSpill, out: P
         for p0, p1 in zip(groups[:-1], groups[1:], strict=False):
             members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
             seq_lens = lengths[members]
-            gather = token_positions(starts[members], seq_lens, int(starts[-1] + lengths[-1]))
-            out.add(spilled.ids[gather], spilled.mask[gather], seq_lens, np.diff(plan.offsets[p0 : p1 + 1]))
+            ids, mask = gather((spilled.ids, spilled.mask), starts[members], seq_lens)
+            out.add(ids, mask, seq_lens, np.diff(plan.offsets[p0 : p1 + 1]))
             spilled.drop()
             bar.update(p1 - p0)
 
@@ -118,9 +128,7 @@ class WindowWriter:
         mask = self._mask[0] if len(self._mask) == 1 else np.concatenate(self._mask)
         at = np.searchsorted(self._keys, packs.members)  # keys are ascending
         seq_lens = self._lens[at]
-        where = token_positions(self._starts[at], seq_lens, self._held)
-        self.out.add(ids[where], mask[where], seq_lens, packs.sizes)
-        del where
+        self.out.add(*gather((ids, mask), self._starts[at], seq_lens), seq_lens, packs.sizes)
         waiting = np.ones(self._keys.size, dtype=bool)
         waiting[at] = False
         # The buffer is the waiting samples' tokens back to back, in key order: keep the rest, in place order.

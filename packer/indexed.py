@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from packer.manifest import DatasetError, MissingFileError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document_indices count
@@ -255,32 +257,48 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """Memory-mapped reader of a `.bin/.idx` pair (the same layout Megatron reads)."""
+    """Memory-mapped reader of a `.bin/.idx` pair (the same layout Megatron reads).
 
-    def __init__(self, prefix: str | os.PathLike):
+    Opening checks the whole index against itself and the size of `.bin`, in O(index) time and without reading
+    `.bin`: header (magic, version, dtype code), the file size the header's counts imply, lengths >= 0, pointers
+    = exclusive cumulative lengths x itemsize, `.bin` size = all sequences' bytes, document_indices rising from
+    0 to the sequence count. Any failure raises `DatasetError` naming the file and the check; `build` is the
+    prefix the error's fix names (`packer verify BUILD`), this dataset's own prefix by default.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, build: str | os.PathLike | None = None):
         self.prefix = os.fspath(prefix)
+        self.build = self.prefix if build is None else os.fspath(build)
         self.bin_path, self.idx_path = data_path(prefix), index_path(prefix)
         for p in (self.idx_path, self.bin_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p} does not exist; is {self.prefix!r} the prefix given to `packer build`?")
+            if not p.is_file():
+                raise MissingFileError(f"{p} does not exist; is {self.prefix!r} the prefix given to `packer build`?",
+                                       self.build)
+        try:
+            self._open()
+        except OSError as e:  # unreadable, or not mappable
+            raise DatasetError(f"{self.prefix}.idx/.bin: cannot be read ({type(e).__name__}: {e})", self.build) from e
+
+    def _fail(self, check: str, detail: str) -> DatasetError:
+        return DatasetError(f"{self.idx_path}: {check}: {detail}", self.build)
+
+    def _open(self) -> None:
         idx_bytes = self.idx_path.stat().st_size
         if idx_bytes < HEADER.size:  # checked before mmap, which fails obscurely on an empty file
-            raise ValueError(f"{self.idx_path}: {idx_bytes} bytes is too short for an MMIDIDX header")
+            raise self._fail("header", f"{idx_bytes} bytes is too short for an MMIDIDX header")
         idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
         magic, version, code, n_seq, n_doc_idx = HEADER.unpack(idx[: HEADER.size].tobytes())
         if magic != MAGIC:
-            raise ValueError(f"{self.idx_path}: bad magic {magic!r}, expected {MAGIC!r} (not a Megatron MMIDIDX index)")
+            raise self._fail("header", f"bad magic {magic!r}, expected {MAGIC!r} (not a Megatron MMIDIDX index)")
         if version != VERSION:
-            raise ValueError(f"{self.idx_path}: unsupported version {version}, expected {VERSION}")
+            raise self._fail("header", f"unsupported version {version}, expected {VERSION}")
         if code not in DTYPE_CODES:
-            raise ValueError(f"{self.idx_path}: unknown dtype code {code}")
+            raise self._fail("header", f"unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
         self.dtype = np.dtype(DTYPE_CODES[code])
         expected = HEADER.size + 4 * n_seq + 8 * n_seq + 8 * n_doc_idx
         if idx.size != expected:
-            raise ValueError(
-                f"{self.idx_path}: {idx.size} bytes but the header ({n_seq} sequences, {n_doc_idx} document "
-                f"indices) implies {expected}; the file is truncated or corrupt"
-            )
+            raise self._fail("file size", f"{idx.size} bytes but the header ({n_seq} sequences, {n_doc_idx} "
+                             f"document indices) implies {expected}; the file is truncated or corrupt")
         off = HEADER.size
         self.sequence_lengths = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=off)
         off += 4 * n_seq
@@ -288,8 +306,40 @@ class IndexedDataset:
         off += 8 * n_seq
         self.document_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc_idx, offset=off)
         self._idx = idx
+        total = self._check_index()
         size = self.bin_path.stat().st_size
+        if size != total:
+            raise DatasetError(f"{self.bin_path}: file size: {size} bytes but {self.idx_path} indexes {total} "
+                               f"({int(self.sequence_lengths.astype(np.int64).sum())} x {self.dtype} tokens); "
+                               "one of the two is truncated, corrupt or from another build", self.build)
         self._bin = np.memmap(self.bin_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def _check_index(self) -> int:
+        """The index's own invariants; returns the bytes of `.bin` it covers. Pointers are compared chunk by
+        chunk, so the check needs O(chunk) memory beyond the map."""
+        lens, ptrs, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        if lens.size and lens.min() < 0:
+            bad = int(np.flatnonzero(lens < 0)[0])
+            raise self._fail("sequence lengths", f"sequence {bad} has length {lens[bad]}")
+        itemsize = self.dtype.itemsize
+        end = 0
+        for a in range(0, lens.size, _CHUNK):
+            n = lens[a : a + _CHUNK].astype(np.int64) * itemsize
+            ends = np.cumsum(n) + end
+            wrong = np.flatnonzero(ptrs[a : a + _CHUNK] != ends - n)
+            if wrong.size:
+                i = int(wrong[0])
+                raise self._fail("sequence pointers", f"pointer {a + i} is {ptrs[a + i]}, but the lengths before "
+                                 f"it put sequence {a + i} at byte {ends[i] - n[i]}")
+            end = int(ends[-1])
+        if docs.size == 0:
+            raise self._fail("document indices", "none (at least the leading 0 is required)")
+        falls = np.flatnonzero(docs[1:] < docs[:-1])
+        if docs[0] != 0 or docs[-1] != lens.size or falls.size:
+            where = (f"entry {int(falls[0]) + 1} falls from {docs[falls[0]]} to {docs[falls[0] + 1]}" if falls.size
+                     else f"they run from {docs[0]} to {docs[-1]}")
+            raise self._fail("document indices", f"must rise from 0 to the sequence count {lens.size}, but {where}")
+        return end
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)

@@ -1,8 +1,10 @@
 """`packer merge`: concatenate builds (typically shards) into one, by streaming copies in bounded memory.
 
+Every input must pass `packer verify` (structure, contents and checksums) first: a corrupt input is refused,
+named with its first failed check, so a merge never turns a build that fails verify into one that passes.
 Packs are copied whole and in order (input 1's packs, then input 2's, ...), so every document boundary
-survives; counts are summed and the packing figures recomputed. All inputs must share the tokenizer (sha256),
-EOD id, token dtype and seq_length.
+survives; counts are summed and the packing figures recomputed from the copied index. All inputs must share
+the tokenizer (sha256), EOD id, token dtype and seq_length.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from packer.manifest import (
 )
 from packer.output import OutputConflict, OutputSet
 from packer.packing import PackStats
+from packer.verify import verify
 
 _TOKENS_PER_COPY = 1 << 24
 
@@ -57,6 +60,12 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
             raise MergeError(f"{p} is given twice (or is an identical copy of {seen.get(key, p)}): its samples "
                              "would be merged twice")
         seen[key] = os.path.abspath(p)
+    reports = [verify(p, checksums=True) for p in in_prefixes]
+    for p, rep in zip(in_prefixes, reports, strict=True):
+        if not rep.ok:
+            more = f" (and {len(rep.errors) - 1} more)" if len(rep.errors) > 1 else ""
+            raise MergeError(f"{p} fails `packer verify`: {rep.errors[0]}{more}; rebuild it, or run "
+                             f"`packer verify {p}` for the full report")
     manifests = [read_manifest(p) for p in in_prefixes]
     first = manifests[0]
     for p, m in zip(in_prefixes[1:], manifests[1:], strict=True):
@@ -91,19 +100,22 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
             tok, mask = IndexedDataset(prefix), IndexedDataset(loss_mask_prefix(prefix))
             if tok.dtype != dtype or len(tok) != len(mask):
                 raise MergeError(f"{prefix}: index does not match its manifest; run `packer verify {prefix}`")
-            _copy(tok, mask, tok_w, mask_w, bar)
+            _copy(tok, mask, tok_w, mask_w, stats, bar)
             for k, v in m["counts"].items():
                 counts[k] = counts.get(k, 0) + int(v)
-            stats.merge(PackStats.of_manifest(m))
-        return out.commit(lambda files: _merged_manifest(out_prefix, in_prefixes, manifests, counts, stats, files))
+        # A counter some input lacks (a hand-written or older manifest) would be summed short: leave it out.
+        counts = {k: v for k, v in counts.items() if all(k in m["counts"] for m in manifests)}
+        agrees = sum(rep.stats["eod_scan"]["agrees"] for rep in reports)  # measured by verify, not claimed
+        return out.commit(lambda files: _merged_manifest(out_prefix, in_prefixes, manifests, counts, stats, agrees,
+                                                         files))
 
 
 def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[dict], counts: dict[str, int],
-                     stats: PackStats, files: dict) -> dict:
+                     stats: PackStats, agrees: int, files: dict) -> dict:
     first = manifests[0]
     algorithm = "merge(" + ",".join(sorted({m["packing"]["algorithm"] for m in manifests})) + ")"
     config = {k: v for k, v in first["config"].items() if k not in ("num_shards", "shard_index")}
-    return {
+    merged = {
         "format": FORMAT,
         "packer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -114,16 +126,26 @@ def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[di
         "token_dtype": first["token_dtype"],
         "counts": counts,
         "packing": stats.manifest(algorithm, first["config"]["seq_length"]),
-        "eod": (first.get("eod") or {}) | {"interior": counts.get("interior_eod", 0)},
-        "eod_scan": {"agrees": sum(m.get("eod_scan", {}).get("agrees", 0) for m in manifests),
-                     "packs": stats.packs},
+        "eod": _merged_eod(manifests, counts.get("interior_eod", 0)),
+        "eod_scan": {"agrees": agrees, "packs": stats.packs},
         "seconds": {},
         "files": files,
     }
+    if merged["eod"] is None:  # hand-written inputs without the section
+        del merged["eod"]
+    return merged
+
+
+def _merged_eod(manifests: list[dict], interior: int) -> dict | None:
+    """The first input's `eod` section, with the summed interior count and the first cause an input names."""
+    if not isinstance(manifests[0].get("eod"), dict):
+        return None
+    cause = next((m["eod"]["interior_cause"] for m in manifests if (m.get("eod") or {}).get("interior_cause")), None)
+    return manifests[0]["eod"] | {"interior": interior, "interior_cause": cause}
 
 
 def _copy(tok: IndexedDataset, mask: IndexedDataset, tok_w: IndexedDatasetWriter, mask_w: IndexedDatasetWriter,
-          bar) -> None:
+          stats: PackStats, bar) -> None:
     """Copy all packs of one build, a bounded number of tokens at a time, splitting only between packs."""
     docs = tok.document_indices
     lens = tok.sequence_lengths
@@ -146,5 +168,6 @@ def _copy(tok: IndexedDataset, mask: IndexedDataset, tok_w: IndexedDatasetWriter
         per_doc = np.diff(docs[d : d1 + 1])
         tok_w.end_documents(per_doc)
         mask_w.end_documents(per_doc)
+        stats.add(seq_lens, per_doc)
         bar.update(t1 - t0)
         d = d1

@@ -1,22 +1,46 @@
-"""`packer verify` and `packer inspect`: check every invariant of a build, and describe it."""
+"""`packer verify` and `packer inspect`: check every invariant of a build, and describe it.
+
+verify runs every check and lists every failure (a failed checksum does not hide a broken index):
+
+    manifest   the schema (`check_manifest`): every field present, of its type, in range
+    files      present, listed, of the recorded size and sha256 (`file_problems`)
+    indexes    each index against itself and its .bin (`IndexedDataset`), then both against each other and the
+               manifest: dtypes, counts, packing figures, special ids (`structure_problems`), the same checks
+               `PackedDataset` makes on open
+    counts     the manifest's counters against each other and the data: records = samples written + skipped +
+               dropped, what each --overflow policy may leave, the rejects file's lines
+    contents   one streamed pass over tokens and mask: EOD ends every sample but the split chunks, ids in the
+               vocabulary, mask 0/1, target tokens, EOD ids inside samples, the EOD-scan agreement
+    tokenizer  when the tokenizer file is at hand: its sha256, and every id and name the build took from it
+"""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from packer.boundaries import eod_scan_agrees
 from packer.boundaries import pack_tokens as tokens_per_pack
-from packer.dataset import PackedDataset
+from packer.dataset import file_problems, pack_groups, structure_problems
 from packer.indexed import IndexedDataset
-from packer.manifest import loss_mask_prefix, manifest_path, output_files, read_manifest, sha256_file
+from packer.manifest import (
+    DatasetError,
+    MissingFileError,
+    check_manifest,
+    load_json_object,
+    loss_mask_prefix,
+    manifest_path,
+    read_manifest,
+)
 from packer.packing import efficiency, lower_bound
 
 _CHUNK_TOKENS = 1 << 20  # tokens read per step of the contents check: memory stays flat whatever the build
+UNFINISHED = "verify could not finish"  # the last-resort guard's message; the fuzz test asserts it never shows
 
 
 @dataclass
@@ -35,114 +59,218 @@ def verify(prefix: str | os.PathLike, checksums: bool = True) -> Report:
     """Check the manifest, checksums, both indexes and the token/mask contents. Never raises on bad data."""
     prefix = os.fspath(prefix)
     rep = Report(prefix)
-    from packer.export.check import check_export, is_export
-
-    if is_export(prefix):  # `packer export` output: its files and its format's invariants
-        manifest = json.loads(manifest_path(prefix).read_text(encoding="utf-8"))
-        rep.stats["export"] = manifest.get("to")
-        check_export(prefix, manifest, checksums, rep.errors, rep.stats)
-        return rep
     try:
+        if manifest_path(prefix).exists():
+            from packer.export import FORMAT as EXPORT_FORMAT
+
+            head = load_json_object(manifest_path(prefix))
+            if head.get("format") == EXPORT_FORMAT:  # `packer export` output: its files and its format's invariants
+                from packer.export.check import check_export
+
+                rep.stats["export"] = head.get("to")
+                check_export(prefix, head, checksums, rep.errors, rep.stats)
+                return rep
         manifest = read_manifest(prefix)
-    except (OSError, ValueError) as e:
-        rep.errors.append(str(e))
+    except DatasetError as e:
+        rep.errors.extend(e.problems)
         return rep
     try:
         _verify(rep, prefix, manifest, checksums)
-    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign manifest lacks a field
-        rep.errors.append(f"{manifest_path(prefix)}: malformed manifest ({type(e).__name__}: {e})")
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError, RecursionError, OSError) as e:
+        # Not reached by any manifest or file the schema and reader checks know of (an I/O error mid-read may);
+        # a clean error all the same.
+        rep.errors.append(f"{manifest_path(prefix)}: {UNFINISHED} ({type(e).__name__}: {e})")
     return rep
 
 
-def _verify(rep: Report, prefix: str, manifest: dict, checksums: bool) -> Report:
-    for path in output_files(prefix):
-        if not path.exists():
-            rep.errors.append(f"{path}: missing")
-            continue
-        want = manifest["files"].get(path.name)
-        if want is None:
-            rep.errors.append(f"{path}: not listed in the manifest")
-            continue
-        if path.stat().st_size != want["bytes"]:
-            rep.errors.append(f"{path}: {path.stat().st_size} bytes, manifest says {want['bytes']}")
-        elif checksums and sha256_file(path) != want["sha256"]:
-            rep.errors.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
-    if rep.errors:
-        return rep
+def _verify(rep: Report, prefix: str, manifest: dict, checksums: bool) -> None:
+    fields, problems = check_manifest(manifest, manifest_path(prefix))
+    rep.errors += problems
+    rep.errors += file_problems(prefix, manifest, fields, checksums)
+    indexes = []
+    for p in (prefix, loss_mask_prefix(prefix)):
+        try:
+            indexes.append(IndexedDataset(p, build=prefix))
+        except MissingFileError:
+            pass  # file_problems said so
+        except DatasetError as e:
+            rep.errors += e.problems
+    rep.errors += _manifest_relations(prefix, fields)
+    rep.errors += _tokenizer_problems(prefix, manifest, fields, rep.stats)
+    if len(indexes) < 2:
+        return
+    tok, mask = indexes
+    rep.errors += structure_problems(prefix, fields, tok, mask)
+    rep.errors += _count_problems(prefix, fields, tok)
+    lens = tok.sequence_lengths
+    same_layout = (mask.dtype.itemsize == 1 and np.array_equal(lens, mask.sequence_lengths)
+                   and np.array_equal(tok.document_indices, mask.document_indices) and (lens.size == 0 or lens.min() > 0))
+    if same_layout:  # the payload can be read pack by pack, whatever else is wrong
+        _check_contents(rep, fields, tok, mask)
+
+
+def _overflow_policies(fields: dict[str, Any]) -> set[str] | None:
+    """The --overflow policies the data was built with (a merge: every input's); None where one is unknown."""
+    configs = [m["config"] for m in fields["merged_from"]] if "merged_from" in fields else []
+    policies = {c.get("overflow_effective") for c in configs}
+    if "merged_from" not in fields:
+        policies.add(fields.get("config.overflow_effective"))
+    return None if None in policies else policies
+
+
+def _manifest_relations(prefix: str, fields: dict[str, Any]) -> list[str]:
+    """Fields that must agree with each other, whatever the data."""
+    where = manifest_path(prefix)
+    problems = []
+    for key in ("id", "token", "source", "reason"):
+        a, b = fields.get(f"eod.{key}"), fields.get(f"tokenizer.eod_{key}")
+        if a is not None and b is not None and a != b:
+            problems.append(f"{where}: eod.{key} = {a!r}, but tokenizer.eod_{key} = {b!r}")
+    if fields.get("eod.interior_cause") is not None and fields.get("eod.interior") == 0:
+        problems.append(f"{where}: eod.interior_cause names a cause, but eod.interior is 0")
+    shards, shard = fields.get("config.num_shards"), fields.get("config.shard_index")
+    if shards is not None and shard is not None and shard >= shards:
+        problems.append(f"{where}: config.shard_index = {shard}, but config.num_shards = {shards}")
+    algorithm = fields.get("packing.algorithm")
+    if algorithm is not None:
+        if "merged_from" in fields:
+            expected = "merge(...)" if not algorithm.startswith("merge(") else algorithm
+        elif fields.get("config.streaming") is True:
+            expected = "window-bfd(...)" if not algorithm.startswith("window-bfd(") else algorithm
+        else:
+            expected = fields.get("config.pack", algorithm)
+        if algorithm != expected:
+            problems.append(f"{where}: packing.algorithm = {algorithm!r}, but the build's config says {expected!r}")
+    return problems
+
+
+def _count_problems(prefix: str, fields: dict[str, Any], tok: IndexedDataset) -> list[str]:
+    """The counters against each other: every record read is skipped, dropped, or ends exactly one sample with
+    its EOD (a split record's other chunks are `unterminated`); a policy not used leaves its counter at 0."""
+    where = manifest_path(prefix)
+    problems = []
+    c = {k.removeprefix("counts."): v for k, v in fields.items() if k.startswith("counts.")}
+    samples, u = len(tok), c.get("unterminated", 0)
+    policies = _overflow_policies(fields)
+    if policies is not None:
+        for key, policy in (("truncated", "truncate"), ("split", "split"), ("unterminated", "split"),
+                            ("dropped", "drop")):
+            if c.get(key) and policy not in policies:
+                problems.append(f"{where}: counts.{key} = {c[key]}, but the build used --overflow "
+                                f"{'/'.join(sorted(policies))}, not {policy}")
+        if c.get("dropped_no_target") and not policies & {"truncate", "split"}:
+            problems.append(f"{where}: counts.dropped_no_target = {c['dropped_no_target']}, but only --overflow "
+                            f"truncate or split drop samples for want of a target (the build used "
+                            f"{'/'.join(sorted(policies))})")
+    if u and c.get("split") == 0:
+        problems.append(f"{where}: counts.unterminated = {u} split chunks, but counts.split = 0")
+    if c.get("split") is not None and c["split"] > samples - u:
+        problems.append(f"{where}: counts.split = {c['split']}, more than the {samples - u} samples that end a "
+                        "record (each split record ends with one)")
+    if all(k in c for k in ("records", "skipped", "dropped", "dropped_no_target")):
+        ended = samples - u  # samples that end a record with its EOD
+        hi = c["records"] - c["skipped"] - c["dropped"]
+        lo = hi - (c["dropped_no_target"] if policies is None or "truncate" in policies else 0)
+        if not lo <= ended <= hi:
+            problems.append(
+                f"{where}: counts: {c['records']} records - {c['skipped']} skipped - {c['dropped']} dropped"
+                + (f" - up to {hi - lo} truncated to no target" if hi > lo else "")
+                + f" should end {lo if lo == hi else f'{lo}..{hi}'} samples, but the index has {ended} "
+                f"({samples} samples, {u} unterminated split chunks)")
+    rejects = Path(f"{prefix}.rejects.jsonl")
+    if "counts.skipped" in fields and "merged_from" not in fields and rejects.is_file():
+        with open(rejects, "rb") as f:
+            lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+        if lines != c["skipped"]:
+            problems.append(f"{rejects}: {lines} skipped records, but the manifest's counts.skipped = {c['skipped']}")
+    return problems
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_info(path: str, size: int, mtime_ns: int, eod_token: str | None) -> Any:
+    """load_tokenizer's TokenizerInfo, or why it failed (size and mtime make the cache see a changed file)."""
+    from packer.tokenize import TokenizerError, load_tokenizer
+
     try:
-        tok = IndexedDataset(prefix)
-        mask = IndexedDataset(loss_mask_prefix(prefix))
-    except (OSError, ValueError) as e:
-        rep.errors.append(str(e))
-        return rep
-    _check_index(rep, tok, "tokens")
-    _check_index(rep, mask, "loss mask")
-    if tok.dtype.name != manifest["token_dtype"]:
-        rep.errors.append(f"token dtype {tok.dtype} but manifest says {manifest['token_dtype']}")
-    if mask.dtype != np.uint8:
-        rep.errors.append(f"loss mask dtype {mask.dtype}, expected uint8")
-    if not np.array_equal(tok.sequence_lengths, mask.sequence_lengths):
-        rep.errors.append("token and loss-mask sequence lengths differ")
-    if not np.array_equal(tok.document_indices, mask.document_indices):
-        rep.errors.append("token and loss-mask document indices differ")
-    if rep.errors:
-        return rep
-    _check_contents(rep, manifest, tok, mask)
-    return rep
+        return load_tokenizer(path, eod_token)[1]
+    except (TokenizerError, OSError) as e:
+        return f"cannot be loaded ({e})"
 
 
-def _check_index(rep: Report, ds: IndexedDataset, what: str) -> None:
-    lens, ptrs, docs = ds.sequence_lengths, ds.sequence_pointers, ds.document_indices
-    if lens.size and lens.min() < 1:
-        rep.errors.append(f"{what}: {int((lens < 1).sum())} sequences have length < 1")
-    expected = np.concatenate([[0], np.cumsum(lens.astype(np.int64))[:-1]]) * ds.dtype.itemsize
-    if not np.array_equal(ptrs, expected[: ptrs.size]):
-        bad = int(np.flatnonzero(ptrs != expected)[0])
-        rep.errors.append(f"{what}: sequence pointer {bad} is {ptrs[bad]}, expected {expected[bad]}")
-    total = int(lens.astype(np.int64).sum()) * ds.dtype.itemsize
-    if total != ds.bin_bytes:
-        rep.errors.append(f"{what}: index covers {total} bytes but {ds.bin_path} has {ds.bin_bytes}")
-    if docs.size == 0 or docs[0] != 0 or docs[-1] != lens.size or (np.diff(docs) < 0).any():
-        rep.errors.append(f"{what}: document_indices must rise from 0 to the sequence count {lens.size}")
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    from packer.manifest import sha256_file
+
+    return sha256_file(path)
 
 
-def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: IndexedDataset) -> None:
-    seq_length = manifest["config"]["seq_length"]
-    eod = manifest["tokenizer"]["eod_id"]
-    vocab = manifest["tokenizer"]["vocab_size"]
-    counts = manifest["counts"]
-    lens = tok.sequence_lengths.astype(np.int64)
-    docs = tok.document_indices
-    pack_tokens = tokens_per_pack(lens, docs)
-    if (np.diff(docs) == 0).any():
-        rep.errors.append(f"{int((np.diff(docs) == 0).sum())} packs are empty")
-    if pack_tokens.size and pack_tokens.max() > seq_length:
-        rep.errors.append(f"{int((pack_tokens > seq_length).sum())} packs exceed --seq-length {seq_length}")
+def _tokenizer_problems(prefix: str, manifest: dict, fields: dict[str, Any], stats: dict[str, Any]) -> list[str]:
+    """The tokenizer section against the tokenizer file, when it is at hand: sha256 first, then (the file being
+    the one that built the data) every field the build derived from it."""
+    path = fields.get("tokenizer.path")
+    if path is None or "tokenizer.sha256" not in fields:
+        return []
+    where = manifest_path(prefix)
+    manifest_tokenizer = manifest["tokenizer"]  # a dict: tokenizer.path is a valid field
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        st = None
+    if st is None or not Path(path).is_file():
+        stats["tokenizer"] = f"{path} not at hand: its sha256 and ids are checked against the data only"
+        return []
+    stats["tokenizer"] = f"{path}: checked"
+    sha = _sha256(path, st.st_size, st.st_mtime_ns)
+    if sha != fields["tokenizer.sha256"]:
+        return [f"{where}: tokenizer.sha256 = {fields['tokenizer.sha256'][:16]!r}..., but {path} hashes to "
+                f"{sha[:16]}...: the tokenizer changed since the build, or the manifest was edited (train with "
+                "the tokenizer that built the data)"]
+    # The EOD choice depends on --eod-token: without it in the config (hand-written manifests) only the
+    # fields that do not depend on it are compared.
+    eod_known = "config.eod_token" in fields
+    info = _tokenizer_info(path, st.st_size, st.st_mtime_ns, fields.get("config.eod_token"))
+    if isinstance(info, str):
+        return [f"{path}: {info}"]
+    problems = []
+    for key, value in info.to_json().items():
+        if key in ("path", "sha256") or (key.startswith("eod_") and not eod_known):
+            continue
+        if key in ("bos_id", "pad_id") and value is not None and key not in manifest_tokenizer:
+            # readers take a missing id for "none" (pad falls back to the EOD): the data would be read otherwise
+            problems.append(f"{where}: tokenizer.{key} is missing, but {path} gives {value!r}")
+        got = fields.get(f"tokenizer.{key}", value)
+        if got != value:
+            problems.append(f"{where}: tokenizer.{key} = {got!r}, but {path} gives {value!r}")
+    return problems
 
-    ends = np.cumsum(lens)
-    pack_last = np.zeros(lens.size, dtype=bool)  # is sample i the last of its pack
-    pack_last[docs[1:][np.diff(docs) > 0] - 1] = True
-    not_eod = bad_ids = bad_mask = eod_untrained = targets = interior_eod = glued = 0
-    a = 0
-    while a < lens.size:
-        t0 = int(ends[a] - lens[a])
-        b = min(max(a + 1, int(np.searchsorted(ends, t0 + _CHUNK_TOKENS, side="right"))), lens.size)
-        t1 = int(ends[b - 1])
-        ids = tok.read(t0 * tok.dtype.itemsize, t1 - t0)
-        m = mask.read(t0, t1 - t0)
-        last = ends[a:b] - 1 - t0
-        not_eod += int((ids[last] != eod).sum())
-        glued += int(((ids[last] != eod) & ~pack_last[a:b]).sum())
-        interior_eod += int((ids == eod).sum()) - int((ids[last] == eod).sum())
-        eod_untrained += int(((ids[last] == eod) & (m[last] != 1)).sum())
-        bad_ids += int((ids >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind == "i" else 0)
-        bad_mask += int((m > 1).sum())
-        targets += int(m.sum())
-        tok.release()
-        mask.release()
-        a = b
+
+def _check_contents(rep: Report, fields: dict[str, Any], tok: IndexedDataset, mask: IndexedDataset) -> None:
+    where = manifest_path(rep.prefix)
+    seq_length = fields.get("config.seq_length")
+    eod = fields.get("tokenizer.eod_id", -1)  # -1: no id is the EOD, so every sample "lacks" one
+    vocab = fields.get("tokenizer.vocab_size")
+    counts = {k.removeprefix("counts."): v for k, v in fields.items() if k.startswith("counts.")}
+    not_eod = glued = short_chunks = full_eod = bad_ids = bad_mask = eod_untrained = targets = interior_eod = agree = 0
+    for g in pack_groups(tok, mask, _CHUNK_TOKENS):
+        ids, m = g.ids, g.mask
+        last = np.cumsum(g.seq_lens) - 1  # each sample's last token
+        pack_last = np.zeros(g.seq_lens.size, dtype=bool)  # is sample i the last of its pack
+        pack_last[np.cumsum(g.samples_per_pack)[g.samples_per_pack > 0] - 1] = True
+        ends_eod = ids[last] == eod
+        not_eod += int((~ends_eod).sum())
+        glued += int((~ends_eod & ~pack_last).sum())
+        short_chunks += int((~ends_eod & (g.seq_lens != seq_length)).sum())
+        full_eod += int((ends_eod & (g.seq_lens == seq_length)).sum())
+        interior_eod += int((ids == eod).sum()) - int(ends_eod.sum())
+        eod_untrained += int((ends_eod & (m[last] != 1)).sum())
+        if vocab is not None:
+            bad_ids += int((ids >= vocab).sum()) + (int((ids < 0).sum()) if ids.dtype.kind in "if" else 0)
+        bad_mask += int((m > 1).sum()) + (int((m < 0).sum()) if m.dtype.kind == "i" else 0)
+        targets += int(m.sum(dtype=np.int64))
+        agree += int(eod_scan_agrees(ids, g.seq_lens, g.samples_per_pack, eod).sum())
+    packs, u, truncated = tok.num_documents, counts.get("unterminated", 0), counts.get("truncated", 0)
     if interior_eod:
-        cause = (manifest.get("eod") or {}).get("interior_cause") or "the record text spelled the EOD token"
+        cause = fields.get("eod.interior_cause") or "the record text spelled the EOD token"
         rep.warnings.append(
             f"{interior_eod} EOD ids occur inside samples ({cause}); trainers that find boundaries by scanning for "
             "EOD would split those samples, the index does not (`packer export` uses explicit boundaries then)"
@@ -150,28 +278,38 @@ def _check_contents(rep: Report, manifest: dict, tok: IndexedDataset, mask: Inde
     if glued:
         rep.errors.append(f"{glued} samples without EOD (split chunks) are followed by another sample in their pack, "
                           "so an EOD scan would merge them with it; a split chunk must end its pack")
-    if not_eod > counts.get("unterminated", 0):
-        rep.errors.append(f"{not_eod} samples do not end with EOD id {eod} "
-                          f"(only {counts.get('unterminated', 0)} split chunks may)")
+    if short_chunks and seq_length is not None:
+        rep.errors.append(f"{short_chunks} samples without EOD are not {seq_length} tokens long, as a split chunk "
+                          "(all but the last of a split sample) is")
+    if not_eod > u:
+        rep.errors.append(f"{not_eod} samples do not end with EOD id {eod} (only {u} split chunks may, "
+                          "counts.unterminated)")
+    elif u + truncated > not_eod + full_eod:
+        # A split chunk or a truncated sample holds exactly seq_length tokens; a chunk ends without EOD unless
+        # its text spelled the EOD there.
+        rep.errors.append(f"{where}: counts.unterminated = {u} and counts.truncated = {truncated}, but only "
+                          f"{not_eod + full_eod} samples can be either ({not_eod} without EOD, {full_eod} of "
+                          f"seq_length {seq_length} tokens ending with it)")
     if eod_untrained:
         rep.errors.append(f"{eod_untrained} EOD tokens have loss mask 0")
     if bad_ids:
         rep.errors.append(f"{bad_ids} token ids are >= the vocabulary size {vocab}")
     if bad_mask:
         rep.errors.append(f"{bad_mask} loss-mask values are not 0/1")
-    for key, actual in (("samples", lens.size), ("tokens", int(lens.sum())), ("packs", tok.num_documents),
-                        ("target_tokens", targets)):
-        if counts.get(key) != actual:
-            rep.errors.append(f"manifest counts.{key} = {counts.get(key)} but the data has {actual}")
-    rep.stats = describe(manifest, lens, pack_tokens, np.diff(docs), targets)
-    agree = 0
-    for g in PackedDataset(rep.prefix).groups(_CHUNK_TOKENS):
-        agree += int(eod_scan_agrees(g.ids, g.seq_lens, g.samples_per_pack, eod).sum())
-    rep.stats["eod_scan"] = {"agrees": agree, "packs": int(tok.num_documents)}
-    claim = manifest.get("eod_scan")
-    if claim is not None and (claim.get("agrees"), claim.get("packs")) != (agree, tok.num_documents):
-        rep.errors.append(f"manifest eod_scan claims an EOD scan agrees with the index on {claim.get('agrees')}/"
-                          f"{claim.get('packs')} packs, but it does on {agree}/{tok.num_documents}")
+    for key, actual in (("counts.target_tokens", targets), ("counts.interior_eod", interior_eod),
+                        ("eod.interior", interior_eod)):
+        if key in fields and fields[key] != actual:
+            rep.errors.append(f"{where}: {key} = {fields[key]}, but the data has {actual}")
+    if "eod_scan.agrees" in fields and fields["eod_scan.agrees"] != agree:
+        rep.errors.append(f"manifest eod_scan claims an EOD scan agrees with the index on "
+                          f"{fields['eod_scan.agrees']}/{fields.get('eod_scan.packs')} packs, but it does on "
+                          f"{agree}/{packs}")
+    if seq_length is not None:
+        lens = tok.sequence_lengths.astype(np.int64)
+        docs = tok.document_indices
+        rep.stats |= describe({"config": {"seq_length": seq_length}}, lens, tokens_per_pack(lens, docs),
+                             np.diff(docs), targets)
+    rep.stats["eod_scan"] = {"agrees": agree, "packs": int(packs)}
 
 
 def describe(manifest: dict, lens: np.ndarray, pack_tokens: np.ndarray, docs_per_pack: np.ndarray,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import warnings
 
 import numpy as np
 import pytest
 
-from packer.dataset import PackedDataset
+from packer.dataset import DatasetError, PackedDataset
 from packer.indexed import IndexedDatasetWriter
 from packer.manifest import loss_mask_prefix, manifest_path
 
@@ -61,8 +63,52 @@ def test_pack_is_a_copy(hand):
 
 def test_missing_manifest(hand):
     manifest_path(hand).unlink()
-    with pytest.raises(FileNotFoundError, match="did not complete"):
+    with pytest.raises(FileNotFoundError, match="did not complete") as e:  # also a DatasetError
         PackedDataset(hand)
+    assert isinstance(e.value, DatasetError) and isinstance(e.value, ValueError)
+
+
+def _patch(path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _manifest_edit(prefix, f) -> None:
+    m = json.loads(manifest_path(prefix).read_text())
+    f(m)
+    manifest_path(prefix).write_text(json.dumps(m))
+
+
+# hand: S = 6 samples, D = 4; each .idx has lengths at 34, pointers at 58, document indices at 106
+@pytest.mark.parametrize(("corrupt", "check"), [
+    (lambda p: _patch(p.with_name("hand_loss_mask.idx"), 17, bytes([2])), "hand_loss_mask.idx: dtype: int8, but a loss mask is uint8"),
+    (lambda p: _patch(p.with_name("hand.idx"), 17, bytes([3])), "hand.idx: dtype: int16, but the manifest's token_dtype is 'uint16'"),
+    (lambda p: _patch(p.with_name("hand_loss_mask.idx"), 106 + 8, struct.pack("<q", 1)),
+     "hand_loss_mask.idx: document indices differ from .*hand.idx's \\(first at entry 1: 1 vs 2\\)"),
+    (lambda p: p.with_name("hand.idx").write_bytes(p.with_name("hand.idx").read_bytes()[:50]), "hand.idx: file size"),
+    (lambda p: p.with_name("hand.bin").write_bytes(b"\0" * 3), "hand.bin: file size: 3 bytes but"),
+    (lambda p: _manifest_edit(p, lambda m: m["counts"].update(packs=4)), "counts.packs = 4, but the index says 3"),
+    (lambda p: _manifest_edit(p, lambda m: m["counts"].update(samples=None)), "counts.samples is None"),
+    (lambda p: _manifest_edit(p, lambda m: m["config"].update(seq_length=6)), "1 packs exceed --seq-length 6"),
+    (lambda p: _manifest_edit(p, lambda m: m["tokenizer"].update(pad_id=99)), "tokenizer.pad_id = 99 is outside"),
+    (lambda p: _manifest_edit(p, lambda m: m["files"]["hand.idx"].update(bytes=1)), "hand.idx: 138 bytes, manifest says 1"),
+    (lambda p: manifest_path(p).write_text("[" * 100_000), "nested too deeply"),
+    (lambda p: manifest_path(p).write_text("[1, 2]"), "a manifest is a JSON object, this file holds an array"),
+])
+def test_open_refuses_a_corrupt_build(hand, corrupt, check):
+    """Each check on open raises the one error type, naming the file and the check, and the fix."""
+    corrupt(hand)
+    with pytest.raises(DatasetError, match=check + ".*run `packer verify .*hand`"):
+        PackedDataset(hand)
+
+
+def test_open_does_not_read_the_payload_but_checksums_can(hand):
+    _patch(hand.with_name("hand.bin"), 0, b"\x07\x00")  # token 5 -> 7: the index is untouched
+    ds = PackedDataset(hand)
+    assert ds[0].ids[0] == 7
+    with pytest.raises(DatasetError, match="hand.bin: sha256 differs"):
+        PackedDataset(hand, verify_checksums=True)
 
 
 def test_mismatched_mask_index(hand):
@@ -71,7 +117,7 @@ def test_mismatched_mask_index(hand):
         w.end_document()
         w.finalize()
         w.commit()
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(DatasetError, match=r"hand_loss_mask.idx: sequence lengths: 1 entries, .*run `packer verify"):
         PackedDataset(hand)
 
 

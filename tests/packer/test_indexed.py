@@ -13,13 +13,16 @@ import pytest
 import packer.indexed as indexed
 from packer.indexed import (
     DTYPE_CODES,
+    HEADER,
     MAGIC,
+    VERSION,
     IndexedDataset,
     IndexedDatasetWriter,
     data_path,
     index_path,
     token_dtype,
 )
+from packer.manifest import DatasetError, MissingFileError
 
 
 def random_docs(rng: np.random.Generator, n_docs: int, max_seqs: int, max_len: int, hi: int) -> list[list[np.ndarray]]:
@@ -229,7 +232,7 @@ def test_reader_rejects_bad_magic(small_dataset):
     raw = bytearray(p.read_bytes())
     raw[0:7] = b"NOTIDX!"
     p.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="bad magic"):
+    with pytest.raises(DatasetError, match="bad magic"):
         IndexedDataset(small_dataset)
 
 
@@ -237,10 +240,10 @@ def test_reader_rejects_bad_version_and_code(small_dataset):
     p = index_path(small_dataset)
     good = p.read_bytes()
     p.write_bytes(good[:9] + struct.pack("<Q", 2) + good[17:])
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(DatasetError, match="version"):
         IndexedDataset(small_dataset)
     p.write_bytes(good[:17] + bytes([9]) + good[18:])
-    with pytest.raises(ValueError, match="dtype code"):
+    with pytest.raises(DatasetError, match="dtype code"):
         IndexedDataset(small_dataset)
 
 
@@ -249,13 +252,46 @@ def test_reader_rejects_truncated_index(small_dataset, keep):
     p = index_path(small_dataset)
     raw = p.read_bytes()
     p.write_bytes(raw[:keep] if keep >= 0 else raw + b"\x00")
-    with pytest.raises(ValueError, match="too short|truncated or corrupt"):
+    with pytest.raises(DatasetError, match="too short|truncated or corrupt"):
         IndexedDataset(small_dataset)
 
 
 def test_reader_missing_files(small_dataset):
     data_path(small_dataset).unlink()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         IndexedDataset(small_dataset)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         IndexedDataset(small_dataset.with_name("nope"))
+
+
+def _patched(prefix: Path, offset: int, data: bytes) -> None:
+    p = index_path(prefix)
+    raw = bytearray(p.read_bytes())
+    raw[offset : offset + len(data)] = data
+    p.write_bytes(bytes(raw))
+
+
+# small_dataset: S = 3 sequences [3, 1, 2] of uint16, D = 3 ([0, 2, 3]): lengths at 34, pointers at 46, docs at 70
+@pytest.mark.parametrize(("patch", "check"), [
+    (lambda p: index_path(p).write_bytes(np.random.default_rng(0).bytes(200)), "bad magic"),
+    (lambda p: index_path(p).write_bytes(HEADER.pack(MAGIC, VERSION, 8, 2**63 - 1, 2**63 - 1)), "file size"),
+    (lambda p: _patched(p, 34, struct.pack("<i", -3)), "sequence lengths: sequence 0 has length -3"),
+    (lambda p: _patched(p, 34, struct.pack("<i", 2)), "sequence pointers: pointer 1 is 6"),
+    (lambda p: _patched(p, 46 + 8, struct.pack("<q", 2**62)), "sequence pointers: pointer 1"),
+    (lambda p: data_path(p).write_bytes(data_path(p).read_bytes() + b"\0\0"), "file size: 14 bytes but"),
+    (lambda p: data_path(p).write_bytes(data_path(p).read_bytes()[:-1]), "file size: 11 bytes but"),
+    (lambda p: _patched(p, 70 + 8, struct.pack("<q", 5)), "document indices: must rise from 0 to the sequence count 3"),
+    (lambda p: _patched(p, 70, struct.pack("<q", 1)), "they run from 1 to 3"),
+    (lambda p: _patched(p, 70 + 8, struct.pack("<q", -1)), "entry 1 falls from 0 to -1"),
+])
+def test_reader_checks_the_index_without_reading_bin(small_dataset, patch, check):
+    """Garbage, absurd counts, inconsistent lengths/pointers/documents: always DatasetError naming the check."""
+    patch(small_dataset)
+    with pytest.raises(DatasetError, match=check):
+        IndexedDataset(small_dataset)
+
+
+def test_reader_error_names_the_build(small_dataset):
+    _patched(small_dataset, 34, struct.pack("<i", 2))
+    with pytest.raises(DatasetError, match=r"s\.idx: sequence pointers: .*run `packer verify /x/build`"):
+        IndexedDataset(small_dataset, build="/x/build")

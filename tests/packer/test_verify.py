@@ -81,16 +81,18 @@ def test_modified_manifest_count(good, key):
     m = read_manifest(good)
     m["counts"][key] += 1
     manifest_path(good).write_text(json.dumps(m))
-    assert f"manifest counts.{key} = " in errors_of(good)
+    assert f"good.json: counts.{key} = " in errors_of(good)
 
 
 def test_sequence_without_eod(tmp_path, helpers):
     prefix = tmp_path / "bad"
     helpers.write_dataset(prefix, [[([5, 6], [1, 1]), ([6, 0], [0, 1])]], eod=0, vocab=10, seq_length=8)
     assert "1 samples do not end with EOD id 0" in errors_of(prefix)
-    helpers.write_dataset(prefix, [[([6, 0], [0, 1]), ([5, 6], [1, 1])]], eod=0, vocab=10, seq_length=8,
-                          unterminated=1)  # a split chunk may lack its EOD, and the manifest says so
-    assert verify(prefix).ok
+    m = helpers.write_dataset(prefix, [[([6, 0], [0, 1])], [([5, 6], [1, 1])]], eod=0, vocab=10, seq_length=2,
+                              unterminated=1)  # a split chunk may lack its EOD, and the manifest says so
+    m["counts"] |= {"records": 1, "split": 1}  # one record, split into two chunks
+    helpers.refresh_checksums(prefix, m)
+    assert verify(prefix).ok, verify(prefix).errors
     # ... but only at the end of its pack: an EOD scan would otherwise glue it to the next sample
     helpers.write_dataset(prefix, [[([5, 6], [1, 1]), ([6, 0], [0, 1])]], eod=0, vocab=10, seq_length=8,
                           unterminated=1)
@@ -126,7 +128,7 @@ def test_mask_index_disagrees(good, helpers):
     for ext in ("bin", "idx"):
         (good.parent / f"good_loss_mask.{ext}").write_bytes((good.parent / f"other_loss_mask.{ext}").read_bytes())
     helpers.refresh_checksums(good)
-    assert "token and loss-mask" in errors_of(good)
+    assert "good_loss_mask.idx: document indices differ from" in errors_of(good)
 
 
 def test_missing_files_and_manifest(good, helpers):
@@ -169,3 +171,85 @@ def test_cli_exit_codes(good):
     assert runner.invoke(main, ["verify", str(good), "--no-checksums"]).exit_code == 0  # only a non-EOD id changed
     missing = runner.invoke(main, ["verify", str(loss_mask_prefix(good)) + "_nope"])
     assert missing.exit_code == 1 and "did not complete" in missing.stderr
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"x"', "7", "[" * 100_000 + "]" * 100_000, '{"format": "packer.packed.v1"}',
+                                  '{"format": "packer.packed.v1", "config": [], "tokenizer": null, "counts": "x"}'])
+def test_malformed_manifest_never_raises(good, text):
+    manifest_path(good).write_text(text)
+    assert "good.json: " in errors_of(good)
+    r = CliRunner().invoke(main, ["verify", str(good)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+
+
+def test_every_bad_field_is_listed(good):
+    m = read_manifest(good)
+    m["config"]["seq_length"] = 10**30
+    m["counts"]["samples"] = "3"
+    m["tokenizer"]["pad_id"] = -1
+    del m["packing"]
+    manifest_path(good).write_text(json.dumps(m))
+    errors = errors_of(good)
+    for what in ("config.seq_length is 1000000000000000000000000000000, expected an integer >= 1",
+                 "counts.samples is '3', expected an integer >= 0", "tokenizer.pad_id is -1",
+                 "section 'packing' is missing"):
+        assert what in errors
+
+
+def test_structure_is_reported_with_failed_checksums(good):
+    idx = good.parent / "good.idx"
+    raw = bytearray(idx.read_bytes())
+    raw[34] ^= 0x04  # the first sequence length: the pointers after it no longer follow
+    idx.write_bytes(bytes(raw))
+    errors = errors_of(good)
+    assert "good.idx: sha256 differs" in errors and "good.idx: sequence pointers: pointer 1 is 4" in errors
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["config"].update(seq_length=9), "packing.seq_length = 8, but config.seq_length says 9"),
+    (lambda m: m["config"].update(seq_length=4), "packs exceed --seq-length 4"),
+    (lambda m: m["packing"].update(lower_bound=3), "packing.lower_bound = 3, but the index says 2"),
+    (lambda m: m["tokenizer"].update(vocab_size=9), "token ids are >= the vocabulary size 9"),
+    (lambda m: m["tokenizer"].update(pad_id=10), "tokenizer.pad_id = 10 is outside the vocabulary of 10 ids"),
+    (lambda m: m.update(token_dtype="int32"), "good.idx: dtype: uint16, but the manifest's token_dtype is 'int32'"),
+    (lambda m: m["counts"].update(unterminated=1), "counts.unterminated = 1 and counts.truncated = 0"),
+    (lambda m: m["counts"].update(records=4), "counts: 4 records - 0 skipped - 0 dropped should end 4 samples"),
+    (lambda m: m["counts"].update(skipped=1), "should end 2 samples, but the index has 3"),
+    (lambda m: m["counts"].update(interior_eod=1), "counts.interior_eod = 1, but the data has 0"),
+    (lambda m: m["files"].update({"extra.bin": {"bytes": 1, "sha256": "0" * 64}}), "files lists 'extra.bin'"),
+])
+def test_manifest_fields_against_the_data(good, edit, message):
+    m = read_manifest(good)
+    edit(m)
+    manifest_path(good).write_text(json.dumps(m))
+    assert message in errors_of(good)
+
+
+@pytest.fixture
+def tiny_build(tmp_path, make_tokenizer, helpers):
+    from packer.build import build
+    from packer.config import BuildConfig
+
+    tok = make_tokenizer(("<|endoftext|>", "<pad>"), config={"eos_token": "<|endoftext|>", "pad_token": "<pad>"})
+    records = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(6)]
+    helpers.write_jsonl(tmp_path / "in.jsonl", records)
+    build(BuildConfig(handler="alpaca", inputs=(str(tmp_path / "in.jsonl"),), tokenizer=str(tok), seq_length=256,
+                      output_prefix=str(tmp_path / "b"), tokenizer_backend="hf"), progress=False)
+    return tmp_path / "b", tok / "tokenizer.json"
+
+
+def test_tokenizer_fields_against_the_tokenizer_file(tiny_build):
+    prefix, tok = tiny_build
+    rep = verify(prefix)
+    assert rep.ok and rep.stats["tokenizer"] == f"{tok.resolve()}: checked", rep.errors
+    good = read_manifest(prefix)
+    for key, value, message in (("pad_id", 0, "tokenizer.pad_id = 0, but"), ("eod_token", "<pad>", "eod_token"),
+                                ("sha256", "0" * 64, "the tokenizer changed since the build, or the manifest was edited")):
+        manifest_path(prefix).write_text(json.dumps(good | {"tokenizer": good["tokenizer"] | {key: value}}))
+        assert message in errors_of(prefix)
+    manifest_path(prefix).write_text(json.dumps(good))
+    tok.write_text(tok.read_text() + " ")  # the file changed since the build
+    assert "hashes to" in errors_of(prefix)
+    tok.unlink()  # verify also runs where the tokenizer is not: it says what it could not check
+    rep = verify(prefix)
+    assert rep.ok and "not at hand" in rep.stats["tokenizer"]

@@ -320,16 +320,53 @@ def verify(prefix: str, no_checksums: bool) -> None:
 @main.command()
 @click.argument("prefix")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(prefix: str, as_json: bool) -> None:
-    """Counts, packing efficiency and length histograms of a build."""
+@click.option("--pack", "pack", type=int, default=None, metavar="N",
+              help="Print pack N (from 0) as text: each document after a marker, targets marked.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, metavar="OUT.html",
+              help="Write one self-contained page: summary, histograms of pack fill and documents per pack, packs.")
+@click.option("--packs", default=None, metavar="I,J,...", help="The packs --html renders (default: the first 3).")
+@click.option("--tokenizer", "tokenizer_path", default=None, metavar="PATH",
+              help="Decode with this tokenizer instead of the one the manifest names.")
+@click.option("--color/--no-color", default=None, help="--pack: ANSI colours (default: when stdout is a terminal).")
+def inspect(prefix: str, as_json: bool, pack: int | None, html_out: str | None, packs: str | None,
+            tokenizer_path: str | None, color: bool | None) -> None:
+    """Counts, packing efficiency and length histograms of a build; --pack N and --html show what it trains on."""
+    from packer import inspect as view
     from packer.boundaries import pack_tokens as tokens_per_pack
     from packer.dataset import PackedDataset
     from packer.verify import describe, histogram
 
+    if as_json and (pack is not None or html_out is not None):
+        raise click.UsageError("--json is the summary's; leave it out with --pack or --html")
+    if packs is not None and html_out is None:
+        raise click.UsageError("--packs chooses the packs of --html OUT.html; pass --html too (or --pack N)")
     try:
         ds = PackedDataset(prefix)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    if pack is not None or html_out is not None:
+        try:
+            chosen = view.choose_packs(ds, packs) if html_out is not None else []
+            if pack is not None:
+                view.check_pack(ds, pack)
+            decoder = view.open_decoder(ds, tokenizer_path)
+            for w in decoder.warnings:
+                click.echo(f"warning: {w}", err=True)
+            if html_out is not None:
+                view.write_html(ds, html_out, chosen, decoder)
+                click.echo(f"wrote {html_out}: summary, histograms and packs {', '.join(map(str, chosen))}",
+                           err=pack is not None)
+            if pack is not None:
+                if color is None:
+                    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+                text = view.render_pack(ds, pack, decoder, color=color)
+                try:
+                    click.echo(text, nl=False, color=color)
+                except BrokenPipeError:  # `| head` read what it wanted; the exit flush must not fail again
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except view.InspectError as e:
+            raise click.ClickException(str(e)) from e
+        return
     lens = ds.tokens.sequence_lengths.astype(np.int64)
     docs = ds.tokens.document_indices
     pack_tokens = tokens_per_pack(lens, docs)

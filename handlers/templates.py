@@ -7,11 +7,13 @@ One conversation renders as (T = target, everything else prompt):
 chatml, system "Be brief.", turns [("Hi", "Hello!")]:
 
     "<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n"
-    T "Hello!"   T "<|im_end|>"
+    T "Hello!"   T "<|im_end|>"   "\\n"
 
-Special-token text (<|im_end|>, <|eot_id|>) is written out; a tokenizer that knows it as a special token maps
-it to one id. BOS/EOS (<s>, </s>, <|begin_of_text|>) are never written: the tokenizer adds BOS and the
-pipeline appends EOD.
+`chatml` and `llama3` render exactly what the models' own templates render (Qwen2.5's when a system prompt is
+given, Meta-Llama-3-Instruct's, whose `<|begin_of_text|>` the pipeline keeps once when the tokenizer adds it
+too); tests hold them equal to the Jinja built-ins in packer/assets/chat_templates. Special-token text
+(<|im_end|>, <|eot_id|>) is written out; a tokenizer that knows it as a special token maps it to one id.
+Other BOS/EOS text (<s>, </s>) is never written: the tokenizer adds BOS and the pipeline appends EOD.
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ class ChatTemplate:
     default_system_input: str | None = (
         None  # default when the record has an input (Alpaca's preamble differs)
     )
+    head: str = ""  # prompt text before everything (llama3's <|begin_of_text|>; the pipeline keeps one BOS)
+    tail: str = ""  # prompt text after the last answer (chatml's "\n" after the final <|im_end|>)
+    trim: bool = False  # strip whitespace around every text, as Meta's Llama 3 template does (`| trim`)
 
     @property
     def text(self) -> str:
         """All the literal text this template can write, placeholders removed."""
         parts = (self.user, self.system, self.first_user or "", self.end, self.sep, self.input_sep,
-                 self.default_system or "", self.default_system_input or "")
+                 self.default_system or "", self.default_system_input or "", self.head, self.tail)
         return "\n".join(p.replace("{query}", "").replace("{system}", "") for p in parts)
 
     def query(self, instruction: str, input_text: str | None) -> str:
@@ -64,16 +69,19 @@ class ChatTemplate:
     ) -> list[Segment]:
         """Segments for `turns` [(query, answer), ...]; every answer is a target unless `last_turn_only`."""
         b = SegmentBuilder()
+        clean = str.strip if self.trim else str
+        b.prompt(self.head)
         if system:
-            b.prompt(_fill(self.system, "{system}", system))
+            b.prompt(_fill(self.system, "{system}", clean(system)))
         for i, (query, answer) in enumerate(turns):
             if i:
                 b.prompt(self.sep)
             user = self.first_user if i == 0 and system and self.first_user else self.user
-            b.prompt(_fill(user, "{query}", query))
+            b.prompt(_fill(user, "{query}", clean(query)))
             train = not last_turn_only or i == len(turns) - 1
-            b.target(answer, train)
+            b.target(clean(answer), train)
             b.target(self.end, train)
+        b.prompt(self.tail)
         return b.segments
 
 
@@ -103,6 +111,7 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
             user="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
             end="<|im_end|>",
             sep="\n",
+            tail="\n",  # every message ends "<|im_end|>\n", the last one too (Qwen's and ChatML's templates)
         ),
         # Meta's format without the <s>/</s> text: "[INST] <<SYS>>\n{s}\n<</SYS>>\n\n{q} [/INST] {a} [INST] ..."
         ChatTemplate(
@@ -118,6 +127,8 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
             user="<|start_header_id|>user<|end_header_id|>\n\n{query}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n",
             end="<|eot_id|>",
+            head="<|begin_of_text|>",  # Meta's template starts with bos_token
+            trim=True,
         ),
         ChatTemplate(name="plain", system="{system}\n", user="{query}\n", sep="\n"),
     )

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +29,85 @@ OUT_DEFAULT = "out"
 
 def _asset(name: str) -> str:
     return str(resources.files("packer") / "assets" / name)
+
+
+# Exit codes (the table is in README.md): 0 done, 1 the input, options or a file to read are wrong (or
+# `packer verify` found a problem), 2 usage, 74 (sysexits' EX_IOERR) the filesystem refused a write (disk full,
+# read-only, permissions, a file where a folder goes), 128 + N ended by signal N (130 Ctrl-C, 143 SIGTERM).
+EXIT_IO = 74
+_HINTS = {errno.ENOSPC: "free some space there or write elsewhere", errno.EDQUOT: "the disk quota is used up",
+          errno.EROFS: "choose a writable output location", errno.EACCES: "choose a writable output location",
+          errno.EPERM: "choose a writable output location", errno.ENOTDIR: "choose another output location",
+          errno.EISDIR: "remove it or choose another output location"}
+
+
+class Interrupted(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, so every `with` on the way out removes its
+    temporary files (the pool's workers ignore both; the parent ends them). A second signal while that runs is
+    ignored, unless the cleanup has taken over 5 s: then the process leaves at once (the next run at the prefix
+    removes what is left)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    first: list[float] = []
+
+    def handler(signum, frame):
+        if not first:
+            first.append(time.monotonic())
+            raise Interrupted(signum)
+        if time.monotonic() - first[0] > 5:
+            os._exit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _state(e: BaseException) -> str:
+    """What is at the output prefix after `e` (set by OutputSet when the error passed through it)."""
+    state, prefix = getattr(e, "output_state", (None, None))
+    if state == "unchanged":
+        return f"; nothing written at {prefix} (an earlier output there is unchanged)"
+    if state == "incomplete":
+        return f"; {prefix} holds no complete output now: run the command again"
+    return ""
+
+
+def clean_exits(command):
+    """One line and a documented exit code for what is not a bug: a signal, or the filesystem refusing a write
+    (an OSError with an errno; one raised with a message only, or ENOENT, is the input's fault: exit 1)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            with _stop_on_signals():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            click.echo(f"interrupted by {signal.Signals(signum).name}{_state(e)}", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
+        except OSError as e:
+            if e.errno is None:
+                raise click.ClickException(str(e) + _state(e)) from None
+            code = 1 if e.errno == errno.ENOENT else EXIT_IO  # a path to read that is not there: the input's fault
+            path = e.filename2 if e.filename2 is not None else e.filename
+            hint = _HINTS.get(e.errno)
+            click.echo(f"Error: {os.fsdecode(path) if path is not None else 'output'}: {e.strerror} "
+                       f"[{errno.errorcode.get(e.errno, e.errno)}]" + (f"; {hint}" if hint else "") + _state(e),
+                       err=True)
+            raise click.exceptions.Exit(code) from None
+
+    return run
 
 
 class _LazyGroup(click.Group):
@@ -126,6 +211,7 @@ def _tune_malloc() -> None:
                    "Llama-3, Qwen, ...), else tokenizers; the output is byte-identical either way.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
+@clean_exits
 def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,
           train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, workers, streaming, hf_dataset,
           hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, tokenizer_backend,
@@ -240,6 +326,7 @@ def _resolve_shards(num_shards: int | None, shard_index: int | None) -> tuple[in
 @click.argument("in_prefixes", nargs=-1, required=True)
 @click.option("--allow-partial", is_flag=True, help="Merge shards of a sharded build even if some are missing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@clean_exits
 def merge(out_prefix: str, in_prefixes: tuple[str, ...], allow_partial: bool, quiet: bool) -> None:
     """Merge builds (e.g. shards) into OUT_PREFIX by streaming copies; packs keep their boundaries."""
     from packer.merge import MergeError
@@ -248,7 +335,7 @@ def merge(out_prefix: str, in_prefixes: tuple[str, ...], allow_partial: bool, qu
     try:
         m = run_merge(out_prefix, list(in_prefixes), progress=not quiet and sys.stderr.isatty(),
                       allow_partial=allow_partial)
-    except (MergeError, OSError, ValueError) as e:
+    except (MergeError, ValueError) as e:  # OSErrors: clean_exits
         raise click.ClickException(str(e)) from e
     c = m["counts"]
     click.echo(f"merged {len(in_prefixes)} builds into {out_prefix}: {c['packs']:,} packs, {c['samples']:,} samples, "
@@ -273,6 +360,7 @@ def merge(out_prefix: str, in_prefixes: tuple[str, ...], allow_partial: bool, qu
 @click.option("--rows-per-shard", type=int, default=10_000, show_default=True, help="hf: rows per Parquet file.")
 @click.option("--no-checksums", is_flag=True, help="Verify the input without its sha256 checksums.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@clean_exits
 def export(prefix, to, output, eod_boundaries, pad_to_multiple_of, per_sample, rows_per_shard, no_checksums,
            quiet) -> None:
     """Convert a verified build for another trainer: MindSpeed-LLM, Megatron-Bridge/NeMo, or HF/TRL."""
@@ -284,7 +372,7 @@ def export(prefix, to, output, eod_boundaries, pad_to_multiple_of, per_sample, r
                           rows_per_shard=rows_per_shard, checksums=not no_checksums)
     try:
         m = run_export(config, progress=not quiet and sys.stderr.isatty())
-    except (ExportError, OSError) as e:
+    except ExportError as e:  # OSErrors: clean_exits
         raise click.ClickException(str(e)) from e
     section = m[to]
     for w in section.get("warnings", []):
@@ -297,6 +385,7 @@ def export(prefix, to, output, eod_boundaries, pad_to_multiple_of, per_sample, r
 @main.command()
 @click.argument("prefix")
 @click.option("--no-checksums", is_flag=True, help="Skip the sha256 comparison (faster on huge builds).")
+@clean_exits
 def verify(prefix: str, no_checksums: bool) -> None:
     """Check every structural invariant and checksum of a build; exit 1 on any inconsistency."""
     from packer.verify import verify as run_verify
@@ -328,6 +417,7 @@ def verify(prefix: str, no_checksums: bool) -> None:
 @click.option("--tokenizer", "tokenizer_path", default=None, metavar="PATH",
               help="Decode with this tokenizer instead of the one the manifest names.")
 @click.option("--color/--no-color", default=None, help="--pack: ANSI colours (default: when stdout is a terminal).")
+@clean_exits
 def inspect(prefix: str, as_json: bool, pack: int | None, html_out: str | None, packs: str | None,
             tokenizer_path: str | None, color: bool | None) -> None:
     """Counts, packing efficiency and length histograms of a build; --pack N and --html show what it trains on."""

@@ -1,8 +1,17 @@
 """The tokenizer worker pool: batches of raw records in, `Chunk`s out, in input order, with back-pressure.
 
-Each worker builds its own `RecordEncoder` in the pool's initializer (no state travels with the tasks), and at
-most 2 x workers batches are in flight, so memory does not grow with the input. With one worker everything
-runs in the calling process.
+    parent: batch i -> tasks queue ----> worker k: RecordEncoder.encode -> results queue -> parent (reorders)
+
+Each worker builds its own `RecordEncoder` (no state travels with the tasks), and at most 2 x workers batches
+are in flight, so memory does not grow with the input. With one worker everything runs in the calling process.
+
+Stopping is the parent's job, and it cannot hang. Workers ignore SIGINT (a Ctrl-C reaches the whole process
+group; only the parent acts on it) and die silently on SIGTERM; the parent ends them by pid: SIGTERM, a
+bounded join, then SIGKILL. multiprocessing.Pool is not used because its terminate() can hang for ever
+(measured: 2 of 20 Ctrl-Cs with --workers 2, 4 of 10 with 4): it takes the task queue's lock, which a worker
+killed mid-read never gives back. A thread reads the answers, so the parent only ever waits with a timeout and
+notices a worker that died (the kernel's OOM killer): the build fails instead of waiting for its batch.
+Workers also die with the parent (Linux: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -10,28 +19,101 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import pickle
+import queue
+import signal
 import sys
-from collections import deque
+import threading
+import time
 from collections.abc import Iterable, Iterator
 
-from packer.config import BuildConfig
+from packer.config import BuildConfig, BuildError
 from packer.encode import Chunk, RecordEncoder
 
-_worker_encoder: RecordEncoder | None = None  # one per worker process, set by _init_worker
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_GRACE_S = 2.0  # how long workers get to exit after SIGTERM (or after the end of the input) before SIGKILL
+_POLL_S = 0.5  # how often a parent waiting for a result checks that no worker died
 
 
-def _init_worker(config: BuildConfig, twin_proven: bool) -> None:
-    global _worker_encoder
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while workers are forked: a child inherits the mask, so no signal can reach it
+    before it has chosen to ignore SIGINT (it would print a KeyboardInterrupt traceback). The parent gets any
+    signal that arrived meanwhile when the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _detach_signals(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a handler inherited from the parent would raise here
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _dumps(value) -> bytes:
+    """Pickled here, in the caller's thread: a multiprocessing.Queue pickles in a background thread, which
+    drops what it cannot pickle, and the other side would wait for it for ever."""
+    return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+def _dump_answer(ok: bool, value) -> bytes:
+    try:
+        raw = _dumps((ok, value))
+        if not ok:
+            pickle.loads(raw)  # an exception class whose __init__ needs other arguments does not unpickle
+        return raw
+    except Exception:  # keep the message
+        return _dumps((False, BuildError(f"{type(value).__name__}: {value}")))
+
+
+def _worker(config: BuildConfig, twin_proven: bool, tasks, results, parent: int) -> None:
+    _detach_signals(parent)
     # The pool is the parallelism: rayon threads inside each worker's encode_batch would only oversubscribe
     # the cores (measured: ~10% slower with 2 workers on 2 cores).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = RecordEncoder(config, twin_proven)
+    try:
+        encoder = RecordEncoder(config, twin_proven)
+    except Exception as e:
+        results.put((-1, _dump_answer(False, e)))
+        return
+    for i, raw in iter(tasks.get, None):
+        try:
+            answer = _dump_answer(True, encoder.encode(pickle.loads(raw)))
+        except Exception as e:
+            answer = _dump_answer(False, e)
+        results.put((i, answer))
 
 
-def _encode_in_worker(batch) -> Chunk:
-    if _worker_encoder is None:
-        raise RuntimeError("worker used before _init_worker ran")
-    return _worker_encoder.encode(batch)
+def _stop(procs: list, grace_s: float = _GRACE_S) -> None:
+    """End the workers by pid: SIGTERM, a bounded join, then SIGKILL."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    _join(procs, grace_s)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    _join(procs, grace_s)
+
+
+def _join(procs: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
 
 
 @contextlib.contextmanager
@@ -42,17 +124,87 @@ def encoded_chunks(config: BuildConfig, batches: Iterable, local: RecordEncoder)
         yield map(local.encode, batches)
         return
     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-    twin_proven = local.backend == "tiktoken"
-    with ctx.Pool(config.workers, initializer=_init_worker, initargs=(config, twin_proven)) as pool:
-        yield ordered_map(pool, _encode_in_worker, batches, 2 * config.workers)
+    tasks, results = ctx.Queue(), ctx.Queue()
+    args = (config, local.backend == "tiktoken", tasks, results, os.getpid())
+    procs: list = []
+    answers: queue.Queue = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(results, answers), daemon=True, name="packer-answers")
+    finished = False
+    try:
+        with _signals_held():
+            for _ in range(config.workers):
+                procs.append(ctx.Process(target=_worker, args=args, daemon=True))
+                procs[-1].start()
+        pump.start()  # after the forks: no child may inherit a lock this thread holds
+        yield ordered(tasks, answers, procs, batches, 2 * config.workers)
+        finished = True
+    finally:
+        # Neither queue may keep the parent waiting at exit for a feeder thread that cannot flush.
+        tasks.cancel_join_thread()
+        results.cancel_join_thread()
+        if finished:
+            for _ in procs:
+                tasks.put(None)
+            _join(procs, _GRACE_S)
+        _stop(procs)
+        tasks.close()
+        results.put(None)  # ends the pump, unless a killed worker left it waiting on half an answer
+        pump.join(_POLL_S)
+        if not pump.is_alive():
+            results.close()
 
 
-def ordered_map(pool, fn, items: Iterable, max_in_flight: int) -> Iterator:
-    """pool.imap with back-pressure: imap reads its whole input ahead, so memory would grow with the input."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= max_in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+def _pump(results, answers: queue.Queue) -> None:
+    """Move the workers' answers from their pipe to `answers`, in a thread of its own: a worker killed while
+    writing one leaves the reader blocked for ever on the rest (the other workers hold the pipe open, so no
+    end of file comes), and only a thread can be left behind so. The main thread polls `answers` and checks
+    that the workers live."""
+    with contextlib.suppress(Exception):  # a pipe a killed worker left broken
+        while (answer := results.get()) is not None:
+            answers.put(answer)
+
+
+def ordered(tasks, answers: queue.Queue, procs: list, items: Iterable, max_in_flight: int) -> Iterator:
+    """The workers' answers for `items`, in input order, with at most max_in_flight items sent and not yet
+    yielded (a pool's imap reads its whole input ahead, so memory would grow with the input)."""
+    items = iter(items)
+    arrived: dict[int, bytes] = {}
+    sent = done = 0
+    more = True
+    while True:
+        while more and sent - done < max_in_flight:
+            item = next(items, _END)
+            if item is _END:
+                more = False
+            else:
+                tasks.put((sent, _dumps(item)))
+                sent += 1
+        if done == sent:
+            return
+        while done not in arrived:
+            i, raw = _next_result(answers, procs)
+            if i < 0:  # a worker could not build its encoder
+                raise pickle.loads(raw)[1]
+            arrived[i] = raw
+        ok, value = pickle.loads(arrived.pop(done))
+        if not ok:
+            raise value
+        done += 1
+        yield value
+
+
+_END = object()
+
+
+def _next_result(answers: queue.Queue, procs: list) -> tuple[int, bytes]:
+    while True:
+        try:
+            return answers.get(timeout=_POLL_S)
+        except queue.Empty:
+            for p in procs:
+                if p.exitcode is not None:
+                    how = f"exit code {p.exitcode}"
+                    with contextlib.suppress(ValueError):
+                        how = f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else how
+                    raise BuildError(f"a tokenizer worker (pid {p.pid}) died ({how}; out of memory?); run again, "
+                                     "with fewer --workers or a smaller --batch-size") from None

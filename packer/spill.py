@@ -1,15 +1,23 @@
 """The spill: tokenized samples in arrival order, on disk, so that memory holds only their lengths (8 bytes per
 sample) while the global packer, which needs every length at once, plans the packs.
 
-    spill.add(ids, mask, lengths) ...    -> PREFIX-dir/.packer-build-XXXX/{ids,mask}
+    spill.add(ids, mask, lengths) ...    -> PREFIX-dir/.packer-spill-HOST-PID-XXXX/{ids,mask}
     lengths = spill.seal()               -> pack(lengths) -> plan
     with spill.maps() as m: m.ids[gather], m.drop()   (the pack-order writer reads it back)
+
+The folder is private (mkdtemp: created exclusively, mode 0700) and removed on exit; a killed run's is removed by
+the next spill in that folder, once its process is gone. The host is in the name because the folder may be
+shared by builds on other machines, whose pids say nothing here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,17 +25,39 @@ from pathlib import Path
 
 import numpy as np
 
+from packer.output import create_exclusive, pid_gone
+
+
+def _spill_prefix() -> str:
+    return f".packer-spill-{socket.gethostname()}-"
+
+
+def remove_dead_spills(directory: Path) -> None:
+    """Spill folders in `directory` of runs on this host whose process is gone (not following symlinks)."""
+    mine = re.compile(re.escape(_spill_prefix()) + r"(?P<pid>\d+)-[^/]+")
+    dead: list[Path] = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        dead += [Path(e.path) for e in entries if (m := mine.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
+                and pid_gone(int(m["pid"]))]
+    for path in dead:
+        shutil.rmtree(path, ignore_errors=True)
+
 
 class SampleSpill:
     """Samples in arrival order, on disk; only their lengths stay in memory."""
 
     def __init__(self, directory: Path, dtype: np.dtype):
-        self.dir = tempfile.TemporaryDirectory(dir=directory, prefix=".packer-build-")
+        remove_dead_spills(Path(directory))
+        self.dir = Path(tempfile.mkdtemp(dir=directory, prefix=f"{_spill_prefix()}{os.getpid()}-"))
         self.dtype = dtype
-        self.ids_path = Path(self.dir.name) / "ids"
-        self.mask_path = Path(self.dir.name) / "mask"
-        self._ids = open(self.ids_path, "wb")  # noqa: SIM115 -- closed in close()
-        self._mask = open(self.mask_path, "wb")  # noqa: SIM115
+        self.ids_path = self.dir / "ids"
+        self.mask_path = self.dir / "mask"
+        try:
+            self._ids = create_exclusive(self.ids_path)
+            self._mask = create_exclusive(self.mask_path)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self._lengths: list[np.ndarray] = []
 
     def add(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
@@ -63,15 +93,21 @@ class SampleSpill:
                     m.close()
 
     def close(self) -> None:
-        for f in (self._ids, self._mask):
-            f.close()
-        self.dir.cleanup()
+        try:
+            for f in (self._ids, self._mask):
+                f.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> SampleSpill:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc is None:
+                raise  # else closing a file that failed to write fails again: the first error is the one to report
 
 
 RESIDENT_SPILL = 32 << 20  # bytes of the spill that may stay mapped while gathering (see SpillMaps.drop)

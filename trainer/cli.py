@@ -11,7 +11,13 @@ from packer.trainer.train import TrainConfig, train
 
 @click.command("train")
 @click.option("--data", required=True, help="Output prefix of `packer build` (PREFIX.bin/.idx/.json).")
-@click.option("--model", default="tiny", show_default=True, help="Preset (tiny, small100m) or JSON config.")
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="Preset (tiny, small100m), JSON config, or a Hugging Face model directory (config.json + safetensors; "
+    "llama, qwen2, qwen3, mistral) whose weights training starts from.",
+)
 @click.option("--seq-length", type=int, default=None, help="Row length S; default: the data's seq_length.")
 @click.option("--micro-batch-size", type=int, default=1, show_default=True, help="Packs per micro-batch (B).")
 @click.option("--steps", type=int, required=True, help="Optimizer steps to reach (counting resumed ones).")
@@ -47,6 +53,12 @@ from packer.trainer.train import TrainConfig, train
 )
 @click.option("--save", type=click.Path(file_okay=False), default=None, help="Checkpoint directory.")
 @click.option("--save-every", type=int, default=0, show_default=True, help="0: only at the end.")
+@click.option(
+    "--save-hf",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="At the end, write a Hugging Face model directory (config.json, safetensors, the data's tokenizer).",
+)
 @click.option(
     "--resume",
     type=click.Path(exists=True),

@@ -25,10 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from packer.trainer import checkpoint
+from packer.trainer import checkpoint, hf
 from packer.trainer.attention import resolve_backend
 from packer.trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
-from packer.trainer.model import ModelConfig, Transformer, load_model_config
+from packer.trainer.model import ModelConfig, build_model, load_model_config
 
 AttentionChoice = Literal["varlen", "blockwise", "padded"]
 
@@ -36,7 +36,7 @@ AttentionChoice = Literal["varlen", "blockwise", "padded"]
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     data: str
-    model: str = "tiny"  # preset name or JSON path
+    model: str = "tiny"  # preset name, JSON path or Hugging Face model directory
     seq_length: int | None = None  # None: the packed seq_length of the data
     micro_batch_size: int = 1
     steps: int = 100
@@ -52,6 +52,7 @@ class TrainConfig:
     loss_average: Literal["token", "sample"] = "token"
     save: str | None = None
     save_every: int = 0  # 0: only at the end
+    save_hf: str | None = None  # at the end: a Hugging Face model directory (trainer.hf)
     resume: str | None = None
     allow_data_change: bool = False  # resume on data whose content differs from the checkpoint's
     log_jsonl: str | None = None
@@ -221,7 +222,9 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model_cfg = load_model_config(cfg.model, vocab_size=ds.vocab_size)
-    model = Transformer(model_cfg).to(device)
+    if cfg.save_hf:
+        hf.check_save_dir(cfg.save_hf)  # now, not after the run
+    model = build_model(cfg.model, model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg, fused=device.type == "cuda")
     order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, ddp.rank, ddp.world_size)
     run_args = {
@@ -349,6 +352,8 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
         if ddp.world_size > 1 and cfg.save and save_now:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
     bar.close()
+    if cfg.save_hf and ddp.is_main:
+        hf.save_hf(model, cfg.save_hf, base=cfg.model, manifest=getattr(ds, "manifest", None))
     if log_file:
         log_file.close()
     return records

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import packer.trainer.kernels as kernels
 from packer.trainer.batching import IGNORE_INDEX, collate
-from packer.trainer.model import PRESETS, ModelConfig, Transformer, load_model_config
+from packer.trainer.model import PRESETS, ModelConfig, RopeScaling, Transformer, load_model_config
 from packer.trainer.train import loss_sum
 
 from .conftest import random_pack
@@ -28,9 +28,26 @@ def npu_emulated(monkeypatch):
     monkeypatch.setattr(kernels, "_torch_npu_kernel", lambda: npu_fusion_attention)
 
 
-def tiny_model(seed: int = 0) -> Transformer:
+# What the Hugging Face architectures add (trainer.hf): Qwen2's q/k/v biases, Qwen3's q/k norms and head_dim,
+# Llama 3's RoPE scaling (original length 8, so positions 0..11 are in the rescaled range).
+HF_FEATURES = {
+    "qkv_bias": True,
+    "qk_norm": True,
+    "head_dim_override": 16,
+    "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 8),
+}
+
+
+def tiny_model(seed: int = 0, **features) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB))
+    model = Transformer(
+        ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, **features)
+    )
+    with torch.no_grad():  # biases start at 0 and norms at 1: move them so they take part
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
 
 
 def packed_and_alone(backend: str):
@@ -48,12 +65,13 @@ def packed_and_alone(backend: str):
     return mb, docs
 
 
+@pytest.mark.parametrize("features", [{}, HF_FEATURES], ids=["llama", "hf_features"])
 @pytest.mark.parametrize("backend", ["reference", "blockwise", "npu"])
-def test_packed_logits_loss_grads_equal_each_document_alone(backend, request):
+def test_packed_logits_loss_grads_equal_each_document_alone(backend, features, request):
     if backend == "npu":
         request.getfixturevalue("npu_emulated")
     mb, docs = packed_and_alone(backend)
-    model = tiny_model()
+    model = tiny_model(**features)
 
     logits_TV = model(mb.tokens_T, mb.positions_T, mb.meta, backend)
     loss = loss_sum(logits_TV, mb, "token")
@@ -125,6 +143,15 @@ def test_config_json_rejects_unknown_keys(tmp_path):
     assert (cfg.dim, cfg.n_kv_heads, cfg.vocab_size) == (48, 1, 100)
     with pytest.raises(ValueError, match="neither a preset"):
         load_model_config("nope", vocab_size=100)
+
+
+def test_config_json_round_trips_hf_features(tmp_path):
+    cfg = ModelConfig(vocab_size=100, sliding_window=4096, **HF_FEATURES)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(cfg.to_dict()))  # rope_scaling is written as a dict and read back
+    assert load_model_config(str(path)) == cfg and cfg.head_dim == 16
+    with pytest.raises(ValueError, match="only 'llama3'"):
+        ModelConfig.from_dict({"rope_scaling": {**cfg.to_dict()["rope_scaling"], "rope_type": "yarn"}})
 
 
 def test_small100m_is_about_100m_params():

@@ -136,7 +136,9 @@ class IndexedDatasetWriter:
         tag = f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
         self.tmp_bin = self.bin_path.with_name("." + self.bin_path.name + tag)
         self.tmp_idx = self.idx_path.with_name("." + self.idx_path.name + tag)
-        self._bin = open(self.tmp_bin, "wb")  # noqa: SIM115 -- closed in finalize/abort
+        from packer.output import create_exclusive  # (output imports this module)
+
+        self._bin = create_exclusive(self.tmp_bin)  # closed in finalize/abort; never through a planted link
         self._lengths = _Spill(np.int32, directory)
         self._doc_ends = _Spill(np.int64, directory)
         self._doc_ends.append(0)
@@ -209,7 +211,9 @@ class IndexedDatasetWriter:
         os.fsync(self._bin.fileno())
         self._bin.close()
         itemsize = self.dtype.itemsize
-        with open(self.tmp_idx, "wb") as f:
+        from packer.output import create_exclusive
+
+        with create_exclusive(self.tmp_idx) as f:
             f.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], self._lengths.count, self._doc_ends.count))
             for chunk in self._lengths.chunks():
                 f.write(chunk.tobytes())

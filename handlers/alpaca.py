@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from packer.records import Segment
 
-from .base import EMPTY_RESPONSE, Columns, HandlerOptions, ReadsFields, RecordError, check_options
+from .base import Columns, EmptyResponse, HandlerOptions, ReadsFields, check_options
 from .templates import CHAT_TEMPLATES, ChatTemplate
 
 FIELDS: tuple[str, ...] = ("instruction", "input", "output", "system", "history")
@@ -38,6 +38,7 @@ class AlpacaHandler(ReadsFields):
     columns: Columns
     system: str | None = None
     last_turn_only: bool = False
+    keep_empty_response: bool = False
     name: str = "alpaca"
     default_overflow: str = "truncate"
 
@@ -49,8 +50,8 @@ class AlpacaHandler(ReadsFields):
         instruction = self.columns.text(record, "instruction")
         input_text = self.columns.text(record, "input", required=False)
         output = self.columns.text(record, "output")
-        if not output.strip():
-            raise RecordError(self.columns.column("output"), EMPTY_RESPONSE)
+        if not output.strip() and not self.keep_empty_response:
+            raise EmptyResponse(self.columns.column("output"))
         turns = [*self._history(record), (self.template.query(instruction, input_text), output)]
         system = (
             self.columns.text(record, "system", required=False)
@@ -84,4 +85,5 @@ def make(options: HandlerOptions) -> AlpacaHandler:
         columns=Columns(dict(options.map_keys)),
         system=options.system,
         last_turn_only=options.last_turn_only,
+        keep_empty_response=options.keep_empty_response,
     )

@@ -37,6 +37,14 @@ class RecordError(ValueError):
 EMPTY_RESPONSE = "empty response: nothing to train on"
 
 
+class EmptyResponse(RecordError):
+    """The record's answer is empty. Not malformed: what happens to it is --empty-response's choice (skip and
+    count it, keep it, or fail), not --on-error's."""
+
+    def __init__(self, field: str):
+        super().__init__(field, EMPTY_RESPONSE)
+
+
 @dataclass(frozen=True)
 class HandlerOptions:
     template: str | None = None  # None -> the handler's default template
@@ -44,6 +52,9 @@ class HandlerOptions:
     json_keys: tuple[str, ...] = ("text",)  # text handler only
     last_turn_only: bool = False  # multi-turn handlers: train only on the final answer
     system: str | None = None  # system prompt for records that carry none
+    # An empty answer is rendered like any other (the sample's targets are then the template's end-of-turn text,
+    # if any, and the EOD) instead of raising EmptyResponse.
+    keep_empty_response: bool = False
 
 
 class Handler(Protocol):

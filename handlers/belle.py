@@ -32,11 +32,10 @@ from typing import Any, ClassVar
 from packer.records import Segment
 
 from .base import (
-    EMPTY_RESPONSE,
     Columns,
+    EmptyResponse,
     HandlerOptions,
     ReadsFields,
-    RecordError,
     SegmentBuilder,
     check_options,
 )
@@ -58,6 +57,7 @@ class BelleHandler(ReadsFields):
     prompt: str
     columns: Columns
     last_turn_only: bool = False
+    keep_empty_response: bool = False
     name: str = "belle"
     default_overflow: str = "truncate"
 
@@ -69,8 +69,8 @@ class BelleHandler(ReadsFields):
         instruction = self.columns.text(record, "instruction")
         query = instruction + (self.columns.text(record, "input", required=False) or "")
         output = self.columns.text(record, "output")
-        if not output.strip():
-            raise RecordError(self.columns.column("output"), EMPTY_RESPONSE)
+        if not output.strip() and not self.keep_empty_response:
+            raise EmptyResponse(self.columns.column("output"))
         markers = list(_MARKER.finditer(query))
         if is_dialogue(query, markers):
             return self._dialogue(query, markers, output)
@@ -114,4 +114,5 @@ def make(options: HandlerOptions) -> BelleHandler:
         prompt=PROMPTS[options.template or DEFAULT_TEMPLATE],
         columns=Columns(dict(options.map_keys)),
         last_turn_only=options.last_turn_only,
+        keep_empty_response=options.keep_empty_response,
     )

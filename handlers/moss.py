@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 from packer.records import Segment
 
 from .base import (
-    EMPTY_RESPONSE,
     Columns,
+    EmptyResponse,
     HandlerOptions,
     ReadsFields,
     RecordError,
@@ -60,6 +60,7 @@ class MossHandler(ReadsFields):
     columns: Columns
     system: str | None = None
     last_turn_only: bool = False
+    keep_empty_response: bool = False
     name: str = "moss"
     default_overflow: str = "truncate"
 
@@ -78,8 +79,8 @@ class MossHandler(ReadsFields):
                     b.target(text, train)
                 else:
                     b.prompt(text)
-        if not any(s.target and s.text.strip() for s in b.segments):
-            raise RecordError(self.columns.column("chat"), EMPTY_RESPONSE)
+        if not self.keep_empty_response and not any(s.target and s.text.strip() for s in b.segments):
+            raise EmptyResponse(self.columns.column("chat"))
         return b.segments
 
     def _turns(self, record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -133,4 +134,5 @@ def make(options: HandlerOptions) -> MossHandler:
         columns=Columns(dict(options.map_keys)),
         system=options.system,
         last_turn_only=options.last_turn_only,
+        keep_empty_response=options.keep_empty_response,
     )

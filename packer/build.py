@@ -114,7 +114,9 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
             where = out.commit_rejects()
             raise BuildError(
                 f"no samples to write: {counters.records} records read, {counters.skipped} skipped, "
-                f"{counters.dropped + counters.dropped_no_target} dropped"
+                + (f"{counters.empty_response} with an empty response (--empty-response keep trains on them), "
+                   if counters.empty_response else "")
+                + f"{counters.dropped + counters.dropped_no_target} dropped"
                 + (f"; the skipped records and why are in {where}" if where else "")
             )
 

@@ -18,7 +18,8 @@ import click
 import numpy as np
 
 from packer import __version__
-from packer.config import ON_ERROR, TOKENIZER_BACKENDS
+from packer.aliases import BuildCommand, megatron_flags
+from packer.config import EMPTY_RESPONSE, ON_ERROR, TOKENIZER_BACKENDS
 from packer.export import TARGETS as EXPORT_TARGETS
 from packer.handlers import HANDLERS, template_names
 from packer.overflow import POLICIES
@@ -168,19 +169,20 @@ def _tune_malloc() -> None:
         pass
 
 
-@main.command()
-@click.option("--handler", required=True, type=click.Choice(HANDLERS),
-              help="Input format.")
+@main.command(cls=BuildCommand)
+@click.option("--handler", type=click.Choice(HANDLERS),
+              help="Input format (required, or MindSpeed-LLM's --handler-name).")
 @click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
               help="A .json (array), .jsonl or .parquet file; repeat for several. Default: the bundled demo data.")
-@click.option("--tokenizer", type=click.Path(),
-              help="tokenizer.json, or a directory holding it (+ tokenizer_config.json). Default: bundled GPT-2.")
+@click.option("--tokenizer", "--tokenizer-name-or-path", "tokenizer", type=click.Path(),
+              help="tokenizer.json or a SentencePiece tokenizer.model, or a directory holding one (+ "
+                   "tokenizer_config.json). Default: bundled GPT-2.")
 @click.option("--seq-length", type=int, default=2048, show_default=True, help="Max tokens per pack.")
 @click.option("--output-prefix", type=click.Path(), help=f"Output prefix. Default: {OUT_DEFAULT}/<handler>.")
 @click.option("--eod-token", help="End-of-document token (default: tokenizer_config eos_token, else a known one).")
 @click.option("--map-keys", callback=_parse_map_keys, help="JSON object renaming handler fields to your columns.")
 @click.option("--json-keys", default="text", show_default=True,
-              help="text handler: comma-separated columns holding the text.")
+              help="text handler: the columns holding the text, comma- or (as Megatron's) space-separated.")
 @click.option("--template", help="Prompt template (" + "; ".join(
     f"{h}: {', '.join(template_names(h))}" for h in HANDLERS if template_names(h)) + ").")
 @click.option("--system", help="System prompt for records that carry none (templates that have one).")
@@ -193,6 +195,9 @@ def _tune_malloc() -> None:
               help="bfd/ffd: best/first-fit-decreasing; nf: next-fit in data order; none: one sample per pack.")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(ON_ERROR),
               help="Malformed records: fail, or skip, count and write them to PREFIX.rejects.jsonl.")
+@click.option("--empty-response", default="skip", show_default=True, type=click.Choice(EMPTY_RESPONSE),
+              help="Records whose answer is empty: skip and count them (no sample), keep them (trained on their "
+                   "EOD only), or fail as a malformed record.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer processes.")
 @click.option("--streaming", is_flag=True,
               help="Read inputs as a `datasets` stream and pack online over a window, in bounded memory.")
@@ -211,9 +216,10 @@ def _tune_malloc() -> None:
                    "Llama-3, Qwen, ...), else tokenizers; the output is byte-identical either way.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
+@megatron_flags
 @clean_exits
 def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,
-          train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, workers, streaming, hf_dataset,
+          train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, empty_response, workers, streaming, hf_dataset,
           hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, tokenizer_backend,
           quiet, json_summary) -> None:
     """Tokenize, pack and write PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json."""
@@ -247,6 +253,7 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         overflow=overflow,
         pack=pack_algorithm,
         on_error=on_error,
+        empty_response=empty_response,
         workers=workers,
         batch_size=batch_size,
         streaming=streaming,
@@ -282,7 +289,8 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}_loss_mask.{{bin,idx}}\n"
         f"  tokenizer {tok['path']}  EOD {eod['token']!r} (id {eod['id']}, {eod['source']})  BOS {bos}  "
         f"handler {m['config']['handler']}, template {template}, backend {m['config']['tokenizer_backend_effective']}\n"
-        f"  records {c.records:,}  skipped {c.skipped:,}  samples {c.samples:,}  tokens {c.tokens:,} "
+        f"  records {c.records:,}  skipped {c.skipped:,}  empty responses skipped {c.empty_response:,}  "
+        f"samples {c.samples:,}  tokens {c.tokens:,} "
         f"(targets {c.target_tokens:,})\n"
         f"  packs {result.num_packs:,} (lower bound {result.lower_bound:,})  efficiency {result.efficiency:.2%}  "
         f"EOD scan agrees with the index on {m['eod_scan']['agrees']:,}/{m['eod_scan']['packs']:,} packs\n"

@@ -9,6 +9,7 @@ from packer.overflow import POLICIES
 from packer.packing import ALGORITHMS
 
 ON_ERROR = ("fail", "skip")
+EMPTY_RESPONSE = ("skip", "keep", "fail")  # records with an empty answer: not a sample, kept, or a record error
 TOKENIZER_BACKENDS = ("auto", "hf", "tiktoken")
 
 
@@ -33,6 +34,7 @@ class BuildConfig:
     overflow: str | None = None  # None: the handler's default
     pack: str = "bfd"
     on_error: str = "fail"
+    empty_response: str = "skip"  # skip: counted, not a sample; keep: trained on its EOD; fail: a record error
     workers: int = 1
     batch_size: int = 512
     streaming: bool = False
@@ -54,6 +56,8 @@ class BuildConfig:
             raise BuildError(f"--pack {self.pack!r}: choose one of {', '.join(ALGORITHMS)}")
         if self.on_error not in ON_ERROR:
             raise BuildError(f"--on-error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
+        if self.empty_response not in EMPTY_RESPONSE:
+            raise BuildError(f"--empty-response {self.empty_response!r}: choose one of {', '.join(EMPTY_RESPONSE)}")
         if self.tokenizer_backend not in TOKENIZER_BACKENDS:
             raise BuildError(f"--tokenizer-backend {self.tokenizer_backend!r}: choose one of "
                              f"{', '.join(TOKENIZER_BACKENDS)}")

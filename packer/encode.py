@@ -1,8 +1,10 @@
 """Encode: a batch of raw records -> handler -> tokenizer -> `--overflow` -> one `Chunk` of samples.
 
 Malformed records become `RecordError`s that fail the build (naming file, record and field) or, with
-`--on-error skip`, are counted and returned as rejects for the rejects file. Everything here runs in the
-tokenizer workers as well as in the main process; each process builds its own `RecordEncoder`.
+`--on-error skip`, are counted and returned as rejects for the rejects file. A record whose answer is empty is
+not malformed: `--empty-response` skips and counts it (default), keeps it, or fails it as a record error.
+Everything here runs in the tokenizer workers as well as in the main process; each process builds its own
+`RecordEncoder`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from packer.config import BuildConfig, BuildError
 from packer.handlers import HandlerOptions, RecordError, get_handler
+from packer.handlers.base import EmptyResponse
 from packer.indexed import token_dtype
 from packer.overflow import SampleTooLong, fit
 from packer.sources import BadRecord, LineBlock, RawRecord
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 class Counters:
     records: int = 0
     skipped: int = 0  # malformed records, with --on-error skip
+    empty_response: int = 0  # records whose answer is empty, not samples (--empty-response skip)
     samples: int = 0  # samples written (a split sample counts once per chunk)
     tokens: int = 0
     target_tokens: int = 0
@@ -101,6 +105,7 @@ class RecordEncoder:
             json_keys=tuple(config.json_keys),
             last_turn_only=config.last_turn_only,
             system=config.system,
+            keep_empty_response=config.empty_response == "keep",
         )
         try:
             self.handler = get_handler(config.handler, options)
@@ -117,6 +122,8 @@ class RecordEncoder:
     def _twin(self, sample: list[str] = (), probe: bool = True):
         from packer.tiktoken_backend import load
 
+        if self.info.path.endswith(".model"):  # tiktoken_backend reads tokenizer.json files
+            return None, "a SentencePiece model (BPE with byte fallback)"
         twin, why = load(self.info.path, self.tokenizer, sample, probe=probe)
         if twin is not None and not self.encoder.use_twin(twin):
             twin, why = None, "the post-processor does not add one fixed prefix/suffix to every text"
@@ -161,7 +168,9 @@ class RecordEncoder:
         def reject(rec: RawRecord, data: Any, e: RecordError) -> None:
             message = f"{rec.where()}: field {e.field!r}: {e.message}"
             if self.config.on_error == "fail":
-                raise BuildError(message + " (or pass --on-error skip to skip and count such records)") from e
+                fix = ("--empty-response skip to skip and count such records, or keep to train on their EOD"
+                       if isinstance(e, EmptyResponse) else "--on-error skip to skip and count such records")
+                raise BuildError(f"{message} (or pass {fix})") from e
             c.skipped += 1
             rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
                             "error": e.message, "data": _storable(rec, data)})
@@ -177,6 +186,11 @@ class RecordEncoder:
                 segments.append(self.handler(data))
                 kept.append(rec)
                 kept_data.append(data)
+            except EmptyResponse as e:  # an expected kind of record, not a malformed one: never a reject
+                if self.config.empty_response == "skip":
+                    c.empty_response += 1
+                else:
+                    reject(rec, data, e)
             except RecordError as e:
                 reject(rec, data, e)
         try:

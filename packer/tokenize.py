@@ -83,14 +83,17 @@ def _token_id(tokenizer: Tokenizer, token: str) -> int | None:
 
 
 def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tuple[Tokenizer, TokenizerInfo]:
-    """Load `tokenizer.json` (a file, or a directory holding it and optionally tokenizer_config.json)."""
+    """Load `tokenizer.json` or a SentencePiece `*.model` (a file, or a directory holding one and optionally
+    tokenizer_config.json; tokenizer.json wins over tokenizer.model)."""
     path = Path(path)
     if path.is_dir():
         file = path / "tokenizer.json"
+        if not file.exists() and (path / "tokenizer.model").exists():
+            file = path / "tokenizer.model"
         if not file.exists():
             raise TokenizerError(
-                f"{path} is a directory without tokenizer.json; pass the tokenizer.json file or a Hugging Face "
-                "model directory that contains one (convert slow tokenizers with "
+                f"{path} is a directory without tokenizer.json or tokenizer.model; pass the tokenizer file or a "
+                "Hugging Face model directory that contains one (convert other slow tokenizers with "
                 "`AutoTokenizer.from_pretrained(...).save_pretrained(dir)`)"
             )
         config_file = path / "tokenizer_config.json"
@@ -99,10 +102,7 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tup
         config_file = path.with_name("tokenizer_config.json")
     else:
         raise TokenizerError(f"tokenizer {path} does not exist")
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerError(f"{file}: not a Hugging Face tokenizers file ({e})") from e
+    tokenizer = _read_tokenizer(file)
     # Padding or truncation saved in tokenizer.json would pad samples to their batch's longest (as targets) or
     # cut them silently; lengths and --overflow are ours to decide.
     tokenizer.no_padding()
@@ -134,6 +134,23 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> tup
         eod_special=_is_special(tokenizer, int(eod_id)),
     )
     return tokenizer, info
+
+
+def _read_tokenizer(file: Path) -> Tokenizer:
+    if file.suffix == ".model":  # SentencePiece, converted as transformers' LlamaConverter does
+        from packer.sentencepiece import SentencePieceError, load
+
+        try:
+            return load(file)
+        except SentencePieceError as e:
+            raise TokenizerError(str(e)) from e
+        except OSError as e:
+            raise TokenizerError(f"{file}: cannot read it ({e.strerror})") from e
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        hint = "; a SentencePiece model must be named *.model" if "UTF-8" in str(e) else ""
+        raise TokenizerError(f"{file}: not a Hugging Face tokenizers file ({e}){hint}") from e
 
 
 def _is_special(tokenizer: Tokenizer, token_id: int) -> bool:

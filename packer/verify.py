@@ -169,11 +169,13 @@ def _count_problems(prefix: str, fields: dict[str, Any], tok: IndexedDataset) ->
                         "record (each split record ends with one)")
     if all(k in c for k in ("records", "skipped", "dropped", "dropped_no_target")):
         ended = samples - u  # samples that end a record with its EOD
-        hi = c["records"] - c["skipped"] - c["dropped"]
+        empty = c.get("empty_response", 0)  # skipped empty answers (builds before the counter have none)
+        hi = c["records"] - c["skipped"] - empty - c["dropped"]
         lo = hi - (c["dropped_no_target"] if policies is None or "truncate" in policies else 0)
         if not lo <= ended <= hi:
             problems.append(
-                f"{where}: counts: {c['records']} records - {c['skipped']} skipped - {c['dropped']} dropped"
+                f"{where}: counts: {c['records']} records - {c['skipped']} skipped"
+                + (f" - {empty} empty responses" if empty else "") + f" - {c['dropped']} dropped"
                 + (f" - up to {hi - lo} truncated to no target" if hi > lo else "")
                 + f" should end {lo if lo == hi else f'{lo}..{hi}'} samples, but the index has {ended} "
                 f"({samples} samples, {u} unterminated split chunks)")

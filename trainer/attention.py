@@ -11,7 +11,8 @@ crosses a segment. For rows of S=8, docs [3, 2] then [5] + 3 padding tokens:
 Backends (see docs/attention.md):
     reference  exact, one segment at a time, fp32 softmax; the ground truth
     blockwise  pure PyTorch block-sparse flash-style attention; skips blocks that share no document
-    npu        torch_npu.npu_fusion_attention, TND layout, sparse_mode=3 (as MindSpeed-LLM calls it)
+    npu        torch_npu.npu_fusion_attention, TND layout, sparse_mode=4 as MindSpeed-LLM calls it (3 selectable),
+               split into several calls above NPU_MAX_SEGMENTS segments
     cuda       torch.nn.attention.varlen.varlen_attn (or flash_attn.flash_attn_varlen_func)
     padded     dense causal SDPA over each full row; ignores documents (the baseline of one doc per row)
 """
@@ -24,13 +25,51 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from packer.trainer.kernels import cuda_kernel, cuda_varlen_attention, npu_causal_mask, npu_varlen_attention
-from packer.trainer.varlen import VarlenMeta, check_inputs
+from packer.trainer.kernels import (
+    NPU_MAX_SEGMENTS,
+    NPU_SPARSE_MODE,
+    NPU_SPARSE_MODES,
+    check_npu_sparse_mode,
+    cuda_kernel,
+    cuda_varlen_attention,
+    npu_causal_mask,
+    npu_varlen_attention,
+)
+from packer.trainer.varlen import VarlenMeta, check_inputs, max_segments_per_micro_batch
 
-__all__ = ["BACKENDS", "VarlenMeta", "attention", "attention_flops", "block_plan", "npu_causal_mask",
-           "npu_varlen_attention", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "NPU_MAX_SEGMENTS", "NPU_SPARSE_MODE", "NPU_SPARSE_MODES", "AttentionConfig", "VarlenMeta",
+    "attention", "attention_flops", "block_plan", "max_segments_per_micro_batch", "npu_causal_mask",
+    "npu_varlen_attention", "resolve_backend",
+]
 
 BACKENDS = ("reference", "blockwise", "npu", "cuda", "padded")
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """A backend plus its options; `attention()` takes this or a bare backend name (= the defaults).
+
+    npu_sparse_mode    4: band, pre_tockens=65536 / next_tockens=0 (MindSpeed-LLM's TND call)
+                       3: rightDownCausal (transformers' NPU flash-attention, XTuner)
+    npu_max_segments   segments per npu kernel call; more are split at segment boundaries
+    block_size         tile size of the blockwise backend
+    """
+
+    backend: str
+    npu_sparse_mode: int = NPU_SPARSE_MODE
+    npu_max_segments: int = NPU_MAX_SEGMENTS
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_npu_sparse_mode(self.npu_sparse_mode)
+        if self.npu_max_segments < 1 or self.block_size < 1:
+            raise ValueError(
+                f"npu_max_segments and block_size must be >= 1, got {self.npu_max_segments}, {self.block_size}"
+            )
+
+    def __str__(self) -> str:  # what the trainer prints at start
+        return f"npu (sparse_mode {self.npu_sparse_mode})" if self.backend == "npu" else self.backend
 
 
 def _reference(q, k, v, meta: VarlenMeta, scale: float) -> torch.Tensor:
@@ -166,21 +205,23 @@ def _blockwise(q, k, v, meta: VarlenMeta, scale: float, block_size: int = 128) -
     return out.permute(2, 0, 1, 3).reshape(T, Hq, D).to(q.dtype)
 
 
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     meta: VarlenMeta,
-    backend: str,
+    backend: str | AttentionConfig,
     scale: float | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Causal attention within each segment of `meta`. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D).
 
-    `scale` defaults to 1/sqrt(D); `block_size` is used by the blockwise backend only.
+    `backend` is a name or an AttentionConfig (npu sparse mode, segments per npu call, block size).
+    `scale` defaults to 1/sqrt(D); `block_size`, if given, overrides the config's (blockwise only).
     """
+    cfg = backend if isinstance(backend, AttentionConfig) else AttentionConfig(backend)
+    backend = cfg.backend
+    block_size = cfg.block_size if block_size is None else block_size
     check_inputs(q, k, v, meta)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
@@ -188,7 +229,9 @@ def attention(
     if backend == "blockwise":
         return _blockwise(q, k, v, meta, scale, block_size)
     if backend == "npu":
-        return npu_varlen_attention(q, k, v, meta, scale)
+        return npu_varlen_attention(
+            q, k, v, meta, scale, sparse_mode=cfg.npu_sparse_mode, max_segments=cfg.npu_max_segments
+        )
     if backend == "cuda":
         return cuda_varlen_attention(q, k, v, meta, scale)
     if backend == "padded":

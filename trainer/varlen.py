@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from packer import boundaries
@@ -98,3 +99,26 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Varlen
         raise ValueError(
             f"q has {T} tokens but meta describes {meta.num_rows} rows x {meta.row_len} = {meta.total_tokens}"
         )
+
+
+def segments_per_pack(ds, seq_length: int | None = None) -> list[int]:
+    """Attention segments each pack of `ds` becomes as one row of `seq_length` tokens: its documents (empty ones
+    included) plus one padding-tail segment where the documents fall short of the row."""
+    S = seq_length or ds.seq_length
+    doc_lens = ds.doc_lens if hasattr(ds, "doc_lens") else (lambda i: ds[i].doc_lens)  # index-only when it can
+    counts = []
+    for i in range(len(ds)):
+        lens = doc_lens(i)
+        counts.append(len(lens) + (int(np.sum(lens)) < S))
+    return counts
+
+
+def max_segments_per_micro_batch(ds, micro_batch_size: int, seq_length: int | None = None) -> int:
+    """The most segments one micro-batch of `micro_batch_size` packs can hold (the sum of the largest per-pack
+    counts, whatever the shuffle), i.e. the longest actual_seq_len a kernel call can receive.
+
+    4 packs of 300 short documents, each short of its row: 4 * (300 + 1) = 1,204 segments.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return sum(sorted(segments_per_pack(ds, seq_length), reverse=True)[:micro_batch_size])

@@ -12,6 +12,7 @@ from packer.boundaries import cu_seqlens
 from packer.trainer import npu_emulator
 from packer.trainer.attention import (
     BACKENDS,
+    AttentionConfig,
     VarlenMeta,
     attention,
     attention_flops,
@@ -56,8 +57,9 @@ def naive_per_document(q, k, v, seg_lens: list[int], scale: float) -> torch.Tens
 
 
 def run_backend(name: str, q, k, v, meta: VarlenMeta, block_size: int | None = None):
-    if name == "npu":  # no Ascend device here: the documented semantics, emulated
-        return npu_varlen_attention(q, k, v, meta, kernel=npu_emulator.npu_fusion_attention)
+    if name.startswith("npu"):  # no Ascend device here: the documented semantics, emulated
+        mode = 3 if name == "npu3" else 4  # "npu": the default, MindSpeed-LLM's sparse_mode=4
+        return npu_varlen_attention(q, k, v, meta, kernel=npu_emulator.npu_fusion_attention, sparse_mode=mode)
     if name == "blockwise":
         return attention(q, k, v, meta, "blockwise", block_size=block_size)
     return attention(q, k, v, meta, name)
@@ -69,7 +71,7 @@ def grads(out, inputs, seed: int = 1):
     return torch.autograd.grad(out, inputs, g.to(out.device, out.dtype))
 
 
-CASES = [("blockwise", bs) for bs in (4, 8, 128)] + [("npu", None)]
+CASES = [("blockwise", bs) for bs in (4, 8, 128)] + [("npu", None), ("npu3", None)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -153,24 +155,159 @@ def test_cuda_backend_refuses_fp32_with_the_fix():
 # --- the npu call contract -----------------------------------------------------------------------------
 
 
-def test_npu_backend_calls_the_kernel_as_mindspeed_does():
-    meta = VarlenMeta.from_rows([[5, 3, 0, 8], [6, 6]], 16)
-    q, k, v = make_qkv(meta, 4, 2, 8)
-    seen = {}
+# The keyword arguments of MindSpeed-LLM's TND call (mindspeed_llm/core/transformer/
+# custom_dot_product_attention.py, CustomDotProductAttentionImpl.forward), after query, key, value, n_head,
+# shape_order.
+MINDSPEED_KWARGS = {
+    "pse", "padding_mask", "atten_mask", "actual_seq_qlen", "actual_seq_kvlen", "scale", "pre_tockens",
+    "next_tockens", "keep_prob", "inner_precise", "sparse_mode",
+}
 
-    def recording_kernel(*args, **kwargs):
-        seen["args"], seen["kwargs"] = args, kwargs
+
+def _recording(calls: list):
+    def kernel(*args, **kwargs):
+        calls.append((args, kwargs))
         return npu_emulator.npu_fusion_attention(*args, **kwargs)
 
-    npu_varlen_attention(q, k, v, meta, scale=0.25, kernel=recording_kernel)
-    assert seen["args"][3:] == (4, "TND")  # head_num = QUERY heads; k/v keep their 2 heads (GQA, no repeat)
-    assert seen["args"][1].shape[1] == 2
-    kw = seen["kwargs"]
+    return kernel
+
+
+@pytest.mark.parametrize("mode", [4, 3])
+def test_npu_backend_calls_the_kernel_as_mindspeed_does(mode):
+    meta = VarlenMeta.from_rows([[5, 3, 0, 8], [6, 6]], 16)
+    q, k, v = make_qkv(meta, 4, 2, 8)
+    calls = []
+    npu_varlen_attention(q, k, v, meta, scale=0.25, kernel=_recording(calls), sparse_mode=mode)
+    [(args, kw)] = calls
+    assert args[3:] == (4, "TND")  # head_num = QUERY heads; k/v keep their 2 heads (GQA, no repeat)
+    assert args[0] is q and args[1].shape[1] == 2  # one call: the whole stream, no copy
+    assert set(kw) == MINDSPEED_KWARGS
     assert kw["actual_seq_qlen"] == kw["actual_seq_kvlen"] == [5, 8, 8, 16, 22, 28, 32]  # cumulative ends
     assert type(kw["actual_seq_qlen"]) is list
-    assert kw["sparse_mode"] == 3 and kw["keep_prob"] == 1.0 and kw["scale"] == 0.25
-    assert kw["next_tockens"] == 0
+    assert kw["sparse_mode"] == mode and kw["keep_prob"] == 1.0 and kw["scale"] == 0.25
+    assert (kw["pre_tockens"], kw["next_tockens"], kw["inner_precise"]) == (65536, 0, 0)
+    assert kw["pse"] is None and kw["padding_mask"] is None
     assert torch.equal(kw["atten_mask"], torch.triu(torch.ones(2048, 2048), diagonal=1).bool())
+
+
+def test_npu_default_is_mindspeeds_sparse_mode_4_and_3_is_selectable():
+    meta = VarlenMeta.from_rows([[5, 3, 0, 8]], 16)
+    q, k, v = make_qkv(meta, 2, 2, 8)
+    calls = []
+    npu_varlen_attention(q, k, v, meta, kernel=_recording(calls))
+    assert calls[-1][1]["sparse_mode"] == 4 == AttentionConfig("npu").npu_sparse_mode
+    assert str(AttentionConfig("npu", npu_sparse_mode=3)) == "npu (sparse_mode 3)"
+    with pytest.raises(ValueError, match=r"--npu-sparse-mode \{4,3\}"):
+        AttentionConfig("npu", npu_sparse_mode=2)
+    with pytest.raises(ValueError, match="choose 4"):
+        npu_varlen_attention(q, k, v, meta, kernel=_recording(calls), sparse_mode=0)
+
+
+def test_emulator_accepts_mindspeeds_exact_call():
+    """MindSpeed-LLM's statement, copied as it stands, run with its TND settings (sparse_mode=4 for TND,
+    --pre-tockens 65536, --next-tockens 0, attention dropout 0, the compressed 2048 mask)."""
+    from types import SimpleNamespace
+
+    torch_npu = SimpleNamespace(npu_fusion_attention=npu_emulator.npu_fusion_attention)
+    args = SimpleNamespace(shape_order="TND", pre_tockens=65536, next_tockens=0, sparse_mode=4)
+    meta = VarlenMeta.from_rows([[5, 3, 0, 8], [6, 6]], 16)
+    s, b, n_head, d = 16, 2, 4, 8
+    g = torch.Generator().manual_seed(0)
+    # Megatron's [s, b, h, d] -> rearrange(x, 's b h d -> (b s) h d'): row after row, the packed stream
+    q_SBHD, k_SBHD, v_SBHD = (torch.randn(s, b, n_head, d, generator=g) for _ in range(3))
+    query, key, value = (x.transpose(0, 1).reshape(b * s, n_head, d) for x in (q_SBHD, k_SBHD, v_SBHD))
+    actual_seq_len = meta.actual_seq_len
+    pse = None
+    self = SimpleNamespace(
+        attention_mask=torch.triu(torch.ones([2048, 2048], dtype=bool), diagonal=1),
+        scale=1.0 / math.sqrt(d),
+        attention_dropout=torch.nn.Dropout(0.0),
+    )
+    # --- verbatim from custom_dot_product_attention.py ---
+    output, softmax_max, softmax_sum, *_ = torch_npu.npu_fusion_attention(
+        query,
+        key,
+        value,
+        n_head,
+        args.shape_order,
+        pse=pse,
+        padding_mask=None,
+        atten_mask=self.attention_mask,
+        actual_seq_qlen=actual_seq_len,
+        actual_seq_kvlen=actual_seq_len,
+        scale=self.scale,
+        pre_tockens=args.pre_tockens,
+        next_tockens=args.next_tockens,
+        keep_prob=1 - self.attention_dropout.p,
+        inner_precise=0,
+        sparse_mode=args.sparse_mode,
+    )
+    # --- end ---
+    assert (output - attention(query, key, value, meta, "reference")).abs().max() <= TOL
+
+
+def test_emulator_accepts_xtuners_and_transformers_mode_3_calls():
+    """XTuner (xtuner/v1/ops/flash_attn/npu.py) and transformers (integrations/npu_flash_attention.py) call
+    the causal varlen case with sparse_mode=3, tuples from cu_seqlens, and the default pre/next_tockens."""
+    meta = VarlenMeta.from_rows([[5, 3, 0, 8], [6, 6]], 16)
+    q, k, v = (x.detach() for x in make_qkv(meta, 4, 2, 8))
+    cu = meta.cu_seqlens
+    xtuner = npu_emulator.npu_fusion_attention(
+        q, k, v, q.shape[1], pse=None,
+        atten_mask=torch.triu(torch.ones([2048, 2048], dtype=torch.bool), diagonal=1),
+        scale=q.shape[-1] ** -0.5, keep_prob=1 - 0.0, input_layout="TND",
+        actual_seq_qlen=tuple(cu[1:].tolist()), actual_seq_kvlen=tuple(cu[1:].tolist()), sparse_mode=3,
+    )[0]
+    hf = npu_emulator.npu_fusion_attention(
+        q, k, v, q.shape[1], pse=None, padding_mask=None,
+        atten_mask=torch.triu(torch.ones([2048, 2048]), diagonal=1).bool(),
+        scale=1.0 / math.sqrt(q.shape[-1]), keep_prob=1.0, input_layout="TND",
+        actual_seq_qlen=tuple(cu[1:].cpu().numpy().tolist()), actual_seq_kvlen=tuple(cu[1:].cpu().numpy().tolist()),
+        sparse_mode=3,
+    )[0]
+    ref = attention(q, k, v, meta, "reference")
+    assert (xtuner - ref).abs().max() <= TOL and torch.equal(xtuner, hf)
+
+
+def naive_band(q, k, v, seg_lens: list[int], scale: float, pre: int, nxt: int) -> torch.Tensor:
+    """Each document alone, query t reading its document's keys t-pre .. t+nxt, float64, one head at a time."""
+    G = q.shape[1] // k.shape[1]
+    out, start = [], 0
+    for n in seg_lens:
+        for t in range(start, start + n):
+            lo, hi = max(start, t - pre), min(start + n, t + nxt + 1)
+            heads = []
+            for h in range(q.shape[1]):
+                w = torch.softmax(k[lo:hi, h // G].double() @ q[t, h].double() * scale, dim=0)
+                heads.append(w @ v[lo:hi, h // G].double())
+            out.append(torch.stack(heads))
+        start += n
+    return torch.stack(out).to(q.dtype)
+
+
+@pytest.mark.parametrize(("pre", "nxt"), [(65536, 0), (16, 0), (2, 0), (0, 0), (3, 2), (0, 4)])
+def test_emulator_band_mode_is_the_documented_band_in_each_segment(pre, nxt):
+    """sparse_mode=4 keeps keys pre before to nxt after each query, inside its segment; pre >= the segment and
+    nxt = 0 is causal (= sparse_mode 3); a pre smaller than a segment is a sliding window."""
+    meta = VarlenMeta.from_rows([[5, 3, 0, 8], [6, 6]], 16)
+    q, k, v = (x.detach() for x in make_qkv(meta, 4, 2, 8))
+    out = _good_call(query=q, key=k, value=v, sparse_mode=4, pre_tockens=pre, next_tockens=nxt,
+                     actual_seq_qlen=meta.actual_seq_len, actual_seq_kvlen=meta.actual_seq_len)[0]
+    seg_lens = [e - s for s, e in meta.segments()]
+    assert (out - naive_band(q, k, v, seg_lens, 0.35, pre, nxt)).abs().max() <= TOL
+    if nxt == 0 and pre >= meta.max_seqlen:
+        mode3 = _good_call(query=q, key=k, value=v, sparse_mode=3, pre_tockens=pre, next_tockens=nxt,
+                           actual_seq_qlen=meta.actual_seq_len, actual_seq_kvlen=meta.actual_seq_len)[0]
+        assert torch.equal(out, mode3)
+    elif nxt == 0:  # a window shorter than the longest document changes that document's later tokens
+        assert (out - naive_band(q, k, v, seg_lens, 0.35, 65536, 0)).abs().max() > 1e-3
+
+
+def test_npu_band_refuses_segments_longer_than_pre_tockens():
+    meta = VarlenMeta.from_rows([[65537]], 65537)
+    q = k = v = torch.empty(65537, 1, 8, device="meta")
+    with pytest.raises(ValueError, match="--npu-sparse-mode 3"):
+        npu_varlen_attention(q, k, v, meta, kernel=_recording([]))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed")
@@ -192,7 +329,7 @@ def _good_call(**overrides):
         next_tockens=0,
         actual_seq_qlen=[5, 8, 8, 16],
         actual_seq_kvlen=[5, 8, 8, 16],
-        sparse_mode=3,
+        sparse_mode=4,
     )
     args = dict(query=q, key=k, value=v, head_num=4, input_layout="TND")
     for name, val in overrides.items():
@@ -228,6 +365,11 @@ def test_emulator_accepts_the_good_call_and_returns_the_kernels_tuple():
         ({"head_num": 2}, "QUERY heads"),
         ({"keep_prob": 0.9}, "keep_prob"),
         ({"sparse_mode": 0}, "sparse_mode"),
+        ({"sparse_mode": 2}, "sparse_mode"),
+        ({"pre_tockens": -1}, "pre_tockens"),
+        ({"next_tockens": 0.0}, "next_tockens"),
+        ({"softmax_layout": "TND"}, "softmax_layout"),
+        ({"actual_seq_qlen": [0] * 1024 + [16], "actual_seq_kvlen": [0] * 1024 + [16]}, "1..1024 segments"),
     ],
     ids=lambda x: next(iter(x)) if isinstance(x, dict) else None,
 )

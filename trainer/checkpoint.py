@@ -21,7 +21,7 @@ Everything is stored as tensors and primitive containers so it loads with `torch
         "step": int,                          # optimizer steps done
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": {"step": int},           # the lr is a pure function of the step (see train.lr_at)
+        "scheduler": {"step": int, ...},      # and the fields of train.Schedule: the lr curve a resume follows
         "data": {"epoch": int, "index": int}, # PackOrder position (same on every rank)
         "rng": {"python": ..., "numpy": ..., "torch": Tensor, "cuda": [Tensor, ...]},
         "args": dict,                         # TrainConfig, model config, world size, data_files fingerprint

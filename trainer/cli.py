@@ -70,6 +70,12 @@ from packer.trainer.train import TrainConfig, train
     is_flag=True,
     help="Resume even though the data's checksums differ from the checkpoint's (rebuilt or other data).",
 )
+@click.option(
+    "--new-schedule",
+    is_flag=True,
+    help="On --resume, follow the lr schedule of this run's --lr/--min-lr/--warmup-steps/--steps "
+    "instead of continuing the checkpoint's.",
+)
 @click.option("--log-jsonl", type=click.Path(dir_okay=False), default=None, help="One JSON line per step.")
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -55,6 +55,7 @@ class TrainConfig:
     save_hf: str | None = None  # at the end: a Hugging Face model directory (trainer.hf)
     resume: str | None = None
     allow_data_change: bool = False  # resume on data whose content differs from the checkpoint's
+    new_schedule: bool = False  # on --resume: the lr curve of these flags instead of the checkpoint's
     log_jsonl: str | None = None
     seed: int = 1234
     progress: bool = True
@@ -69,10 +70,27 @@ class TrainConfig:
             raise ValueError(f"--loss-average {self.loss_average!r}: choose token or sample")
         if self.save_every and not self.save:
             raise ValueError("--save-every needs --save DIR")
+        if self.new_schedule and not self.resume:
+            raise ValueError("--new-schedule replaces a checkpoint's lr schedule; it needs --resume DIR")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at the last step."""
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """The lr curve of a run, saved in every checkpoint: a resumed run follows it whatever its --steps."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    steps: int  # the cosine reaches min_lr here and stays there
+
+    @classmethod
+    def of(cls, cfg: TrainConfig | dict) -> Schedule:
+        get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+        return cls(float(get("lr")), float(get("min_lr")), int(get("warmup_steps")), int(get("steps")))
+
+
+def lr_at(step: int, cfg: TrainConfig | Schedule) -> float:
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr at `steps`, then min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     decay_steps = max(1, cfg.steps - cfg.warmup_steps)
@@ -98,19 +116,24 @@ def loss_sum(logits_NV: torch.Tensor, mb: MicroBatch, average: str, at: torch.Te
     return (seg_loss / seg_count.clamp(min=1)).sum()
 
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
+
+
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    # Decay only matrices that multiply activations; norms and embeddings are left alone.
+    # Decay only matrices that multiply activations; norms, biases and embeddings are left alone. Embeddings
+    # are found by module type, not name, so any model's (HF `embed_tokens`, a tied output head) counts.
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.dim() >= 2 and "tok_embeddings" not in name
+        is_matrix = p.dim() >= 2 and id(p) not in embeddings
         (decay if is_matrix else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)
 
 
 # --------------------------------------------------------------------------- devices and processes
@@ -229,21 +252,29 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
     order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, ddp.rank, ddp.world_size)
     run_args = {
         **_primitive(dataclasses.asdict(cfg)),
+        "seq_length": seq_length,  # resolved, so a resume compares values, not how they were given
         "model_config": model_cfg.to_dict(),
         "world_size": ddp.world_size,
+        "betas": list(ADAM_BETAS),
+        "eps": ADAM_EPS,
         "data_files": data_fingerprint(ds),
     }
 
-    step = 0
+    step, schedule = 0, Schedule.of(cfg)
     if cfg.resume:
         loaded = checkpoint.load(cfg.resume, map_location="cpu")  # RNG states must stay on CPU
         state = loaded.state
         if ddp.is_main:
             for why in loaded.skipped:
                 print(f"--resume: skipped {why}; resuming from {loaded.path}", file=sys.stderr)
-        note = _check_resumable(state["args"], run_args, ddp.world_size, cfg.allow_data_change)
+        saved_args = state["args"]
+        if saved_args.get("seq_length") is None:  # checkpoints that stored the unresolved default
+            saved_args = {**saved_args, "seq_length": ds.seq_length}
+        note = _check_resumable(saved_args, run_args, cfg.allow_data_change, cfg.new_schedule)
         if note and ddp.is_main:
             print(note, file=sys.stderr)
+        if not cfg.new_schedule:  # the saved run's curve (older checkpoints hold it only in their args)
+            schedule = Schedule.of({**state["args"], **state.get("scheduler", {})})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         order.load_state_dict(state["data"])
@@ -278,7 +309,7 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
     model.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [
@@ -343,7 +374,7 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
                 "step": step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": {"step": step},
+                "scheduler": {"step": step, **dataclasses.asdict(schedule)},
                 "data": order.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "args": run_args,
@@ -359,38 +390,67 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
     return records
 
 
-# Arguments whose change would make a resumed run differ from the run it continues.
-_RESUME_MUST_MATCH = ("model_config", "micro_batch_size", "grad_accum", "seed", "seq_length", "attention")
+# What a resumed run must share with the run it continues, after defaults are resolved (run_args): the lr
+# schedule (unless --new-schedule), the optimizer (AdamW's load_state_dict would silently bring back the saved
+# weight decay and betas), the numerics, and everything that decides which packs make up a step.
+_SCHEDULE_ARGS = ("lr", "min_lr", "warmup_steps")
+_RESUME_MUST_MATCH = (
+    *_SCHEDULE_ARGS,
+    *("weight_decay", "grad_clip", "betas", "eps"),
+    *("dtype", "loss_average", "attention", "seq_length", "model_config"),
+    *("micro_batch_size", "grad_accum", "world_size", "seed"),
+)
+# What checkpoints written before these were recorded used.
+_SAVED_DEFAULTS = {"betas": [0.9, 0.95], "eps": 1e-8}
 
 
-def _check_resumable(saved: dict, now: dict, world_size: int, allow_data_change: bool = False) -> str | None:
-    """Refuse a resume that would not continue the saved run; returns a line to print where the data changed
-    and --allow-data-change lets it go on."""
-    diff = [k for k in _RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
-        raise ValueError(
-            f"--resume: the checkpoint was made with different arguments ({detail}); pass the original values"
+def _resume_mismatch(key: str, was, now, saved: dict) -> str:
+    """'NAME: OLD -> NEW (FIX)' for one argument that differs from the checkpoint's."""
+    if key == "model_config":
+        was, now = was or {}, now or {}
+        keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+        diff = ", ".join(f"{k}: {was.get(k)} -> {now.get(k)}" for k in keys)
+        return f"model config {diff} (pass the checkpoint's --model {saved.get('model')})"
+    if key == "world_size":
+        return f"ranks: {was} -> {now} (run {was} processes: torchrun --nproc-per-node {was})"
+    if key in ("betas", "eps"):
+        return f"AdamW {key}: {was} -> {now} (fixed in the trainer; resume with the version that saved it)"
+    flag = "--" + key.replace("_", "-")
+    fix = f"pass {flag} {was}"
+    if key in _SCHEDULE_ARGS:
+        fix += ", or --new-schedule to follow this run's lr schedule from here on"
+    return f"{flag}: {was} -> {now} ({fix})"
+
+
+def _check_resumable(
+    saved: dict, now: dict, allow_data_change: bool = False, new_schedule: bool = False
+) -> str | None:
+    """Refuse a resume that would not continue the saved run, naming each differing argument and its fix;
+    returns a line to print where the data changed and --allow-data-change lets it go on."""
+    saved = {**_SAVED_DEFAULTS, **saved}
+    skip = _SCHEDULE_ARGS if new_schedule else ()
+    problems = [
+        _resume_mismatch(k, saved.get(k), now.get(k), saved)
+        for k in _RESUME_MUST_MATCH
+        if k not in skip and saved.get(k) != now.get(k)
+    ]
+    note = None
+    was, new = saved.get("data_files"), now.get("data_files")  # None: no manifest, nothing to compare
+    if was is not None and new is not None and was != new:
+        changed = ", ".join(sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k)))
+        what = (
+            f"the data's content differs from the checkpoint's (sha256 of {changed} in the manifest; "
+            f"trained on {saved.get('data')}, now {now.get('data')})"
         )
-    if saved.get("world_size", world_size) != world_size:
-        raise ValueError(
-            f"--resume: the checkpoint was made with {saved['world_size']} ranks, now {world_size}; "
-            f"resume with the same number of processes"
-        )
-    was, new = saved.get("data_files"), now.get("data_files")
-    if was is None or new is None or was == new:  # a dataset without a manifest has nothing to compare
-        return None
-    changed = ", ".join(sorted(k for k in was.keys() | new.keys() if was.get(k) != new.get(k)))
-    what = (
-        f"the data's content differs from the checkpoint's (sha256 of {changed} in the manifest; "
-        f"trained on {saved.get('data')}, now {now.get('data')})"
-    )
-    if not allow_data_change:
-        raise ValueError(
-            f"--resume: {what}; resume on the data it was trained on, or pass --allow-data-change to "
-            f"continue on this data"
-        )
-    return f"--resume: {what}; continuing on it (--allow-data-change)"
+        if not allow_data_change:
+            problems.append(
+                f"{what}; resume on the data it was trained on, or pass --allow-data-change to continue on "
+                f"this data"
+            )
+        note = f"--resume: {what}; continuing on it (--allow-data-change)"
+    if problems:
+        raise ValueError("--resume: the checkpoint's run differs: " + "; ".join(problems))
+    return note
 
 
 def data_fingerprint(ds) -> dict[str, str] | None:

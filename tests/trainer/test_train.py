@@ -34,20 +34,21 @@ def test_lr_schedule():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
+    """A 6-step run saved at step 3 (as if stopped there) and resumed == the same run in one go."""
     ds = FakePackedDataset(n_packs=5, seq_length=32)  # 2 packs/step: the resumed run crosses an epoch
-    full = run(ds, steps=6, micro_batch_size=2, grad_accum=1)
-    first = run(ds, steps=3, micro_batch_size=2, save=str(tmp_path / "ck"))
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000003"]
-    rest = run(ds, steps=6, micro_batch_size=2, resume=str(tmp_path / "ck"))
+    full = run(ds, steps=6, micro_batch_size=2, grad_accum=1, save=str(tmp_path / "ck"), save_every=3)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000003", "step_000006"]
+    rest = run(ds, steps=6, micro_batch_size=2, resume=str(tmp_path / "ck" / "step_000003"))
     assert [r["step"] for r in rest] == [4, 5, 6]
-    assert losses(first + rest) == losses(full)
-    assert [r["grad_norm"] for r in first + rest] == [r["grad_norm"] for r in full]
+    assert losses(rest) == losses(full[3:])
+    assert [r["grad_norm"] for r in rest] == [r["grad_norm"] for r in full[3:]]
+    assert [r["lr"] for r in rest] == [r["lr"] for r in full[3:]]
 
 
 def test_resume_refuses_other_arguments(tmp_path):
     ds = FakePackedDataset(n_packs=4)
     run(ds, steps=1, save=str(tmp_path))
-    with pytest.raises(ValueError, match="micro_batch_size: 1 -> 2"):
+    with pytest.raises(ValueError, match="--micro-batch-size: 1 -> 2"):
         run(ds, steps=2, micro_batch_size=2, resume=str(tmp_path / "step_000001"))
 
 
@@ -108,23 +109,16 @@ def test_cli_training_lowers_loss(alpaca_prefix, tmp_path):
 
 def test_cli_resume_equals_uninterrupted(alpaca_prefix, tmp_path):
     common = ["--data", alpaca_prefix, "--micro-batch-size", "1", "--lr", "3e-3", "--warmup-steps", "2"]
-    cli(*common, "--steps", "6", "--log-jsonl", str(tmp_path / "full.jsonl"))
-    cli(
-        *common,
-        "--steps",
-        "3",
-        "--save",
-        str(tmp_path / "ck"),
-        "--save-every",
-        "2",
-        "--log-jsonl",
-        str(tmp_path / "a.jsonl"),
-    )
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_000002", "step_000003"]
-    cli(*common, "--steps", "6", "--resume", str(tmp_path / "ck"), "--log-jsonl", str(tmp_path / "b.jsonl"))
-    full = losses(read_log(tmp_path / "full.jsonl"))
-    resumed = losses(read_log(tmp_path / "a.jsonl") + read_log(tmp_path / "b.jsonl"))
-    assert resumed == pytest.approx(full, abs=1e-6)
+    ck = tmp_path / "ck"
+    cli(*common, "--steps", "6", "--save", str(ck), "--save-every", "2", "--log-jsonl", str(tmp_path / "a.jsonl"))  # fmt: skip
+    assert sorted(p.name for p in ck.iterdir()) == ["step_000002", "step_000004", "step_000006"]
+    for later in ("step_000004", "step_000006"):  # as if the run had been stopped during step 3
+        shutil.rmtree(ck / later)
+    cli(*common, "--steps", "6", "--resume", str(ck), "--log-jsonl", str(tmp_path / "b.jsonl"))
+    full, resumed = read_log(tmp_path / "a.jsonl"), read_log(tmp_path / "b.jsonl")
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    assert losses(resumed) == pytest.approx(losses(full[2:]), abs=1e-6)
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in full[2:]]
 
 
 def test_torchrun_two_ranks(alpaca_prefix, tmp_path):
@@ -163,6 +157,7 @@ def test_torchrun_two_ranks(alpaca_prefix, tmp_path):
     one = read_log(single)
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in one]
     assert losses(ddp) == pytest.approx(losses(one), abs=1e-4)
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert torch.isfinite(torch.tensor(losses(ddp))).all()
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from packer.records import Segment
 
-from .base import Columns, EmptyResponse, HandlerOptions, ReadsFields, check_options
+from .base import Columns, EmptyResponse, HandlerOptions, ReadsFields, RecordError, check_options
 from .templates import CHAT_TEMPLATES, ChatTemplate
 
 FIELDS: tuple[str, ...] = ("instruction", "input", "output", "system", "history")
@@ -39,6 +39,7 @@ class AlpacaHandler(ReadsFields):
     system: str | None = None
     last_turn_only: bool = False
     keep_empty_response: bool = False
+    chat: Any = None  # the model's chat template (--chat-template): turns render as user/assistant messages
     name: str = "alpaca"
     default_overflow: str = "truncate"
 
@@ -52,6 +53,10 @@ class AlpacaHandler(ReadsFields):
         output = self.columns.text(record, "output")
         if not output.strip() and not self.keep_empty_response:
             raise EmptyResponse(self.columns.column("output"))
+        if self.chat is not None:  # the user turn is instruction + "\n" + input, as in LLaMA-Factory
+            query = instruction + "\n" + input_text if input_text else instruction
+            system = self.columns.text(record, "system", required=False) or self.system
+            return chat_segments(self.chat, [*self._history(record), (query, output)], system, self.last_turn_only)
         turns = [*self._history(record), (self.template.query(instruction, input_text), output)]
         system = (
             self.columns.text(record, "system", required=False)
@@ -74,6 +79,21 @@ class AlpacaHandler(ReadsFields):
         return [(q, a) for q, a in history]
 
 
+def chat_segments(chat: Any, turns: list[tuple[str, str]], system: str | None, last_turn_only: bool) -> list[Segment]:
+    """(query, answer) turns as the model's chat template renders them: [system], user, assistant, ..."""
+    from packer.chat_template import SpanError
+
+    messages = [{"role": "system", "content": system}] if system else []
+    for query, answer in turns:
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    train = [m["role"] == "assistant" and (not last_turn_only or i == len(messages) - 1)
+             for i, m in enumerate(messages)]
+    try:
+        return chat.segments(messages, None, train)
+    except SpanError as e:
+        raise RecordError("<chat template>", str(e)) from e
+
+
 def _is_pair(pair: Any) -> bool:
     return isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
 
@@ -86,4 +106,5 @@ def make(options: HandlerOptions) -> AlpacaHandler:
         system=options.system,
         last_turn_only=options.last_turn_only,
         keep_empty_response=options.keep_empty_response,
+        chat=options.chat,
     )

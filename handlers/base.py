@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 from packer.records import Segment
 
-HANDLERS: tuple[str, ...] = ("alpaca", "belle", "moss", "text")
+HANDLERS: tuple[str, ...] = ("alpaca", "belle", "messages", "moss", "text")
 
 
 class RecordError(ValueError):
@@ -55,6 +55,7 @@ class HandlerOptions:
     # An empty answer is rendered like any other (the sample's targets are then the template's end-of-turn text,
     # if any, and the EOD) instead of raising EmptyResponse.
     keep_empty_response: bool = False
+    chat: Any = None  # packer.chat_template.ChatRenderer: the model's chat template (messages; alpaca/belle on request)
 
 
 class Handler(Protocol):

@@ -58,6 +58,7 @@ class BelleHandler(ReadsFields):
     columns: Columns
     last_turn_only: bool = False
     keep_empty_response: bool = False
+    chat: Any = None  # the model's chat template (--chat-template): the dialogue renders as messages
     name: str = "belle"
     default_overflow: str = "truncate"
 
@@ -72,6 +73,11 @@ class BelleHandler(ReadsFields):
         if not output.strip() and not self.keep_empty_response:
             raise EmptyResponse(self.columns.column("output"))
         markers = list(_MARKER.finditer(query))
+        if self.chat is not None:
+            from .alpaca import chat_segments
+
+            turns = _turns(query, markers, output) if is_dialogue(query, markers) else [(query, output)]
+            return chat_segments(self.chat, turns, None, self.last_turn_only)
         if is_dialogue(query, markers):
             return self._dialogue(query, markers, output)
         before, after = self.prompt.split("{query}")
@@ -96,6 +102,21 @@ class BelleHandler(ReadsFields):
         return b.segments
 
 
+def _turns(dialogue: str, markers: list[re.Match[str]], output: str) -> list[tuple[str, str]]:
+    """A `Human:`/`Assistant:` dialogue as (query, answer) turns; the final answer is `output`."""
+    said = [(m.group(1), dialogue[m.end() : n.start() if n else len(dialogue)].strip())
+            for m, n in zip(markers, [*markers[1:], None], strict=True)]
+    turns, query = [], None
+    for role, text in said:
+        if role == "Assistant" and query is not None:
+            turns.append((query, text))
+            query = None
+        elif role != "Assistant":
+            query = text if query is None else query + "\n" + text
+    last_query = query if query is not None else (turns.pop()[0] if turns else "")
+    return [*turns, (last_query, output)]
+
+
 def is_dialogue(text: str, markers: list[re.Match[str]] | None = None) -> bool:
     """True when `text` is a `Human:` ... `Assistant:` dialogue (see the module docstring)."""
     markers = list(_MARKER.finditer(text)) if markers is None else markers
@@ -115,4 +136,5 @@ def make(options: HandlerOptions) -> BelleHandler:
         columns=Columns(dict(options.map_keys)),
         last_turn_only=options.last_turn_only,
         keep_empty_response=options.keep_empty_response,
+        chat=options.chat,
     )

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import asdict, dataclass
@@ -153,6 +154,10 @@ def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, writer: 
     cfg["output_prefix"] = config.prefix
     cfg["tokenizer_backend_effective"] = encoder.backend
     cfg["tokenizer_backend_note"] = encoder.backend_note
+    if encoder.chat is not None:
+        cfg["chat_template_origin"] = encoder.chat.origin
+        cfg["chat_template_sha256"] = hashlib.sha256(encoder.chat.source.encode("utf-8")).hexdigest()
+        cfg["chat_template_note"] = encoder.chat_note
     return {
         "format": FORMAT,
         "packer_version": __version__,

@@ -185,6 +185,12 @@ def _tune_malloc() -> None:
               help="text handler: the columns holding the text, comma- or (as Megatron's) space-separated.")
 @click.option("--template", help="Prompt template (" + "; ".join(
     f"{h}: {', '.join(template_names(h))}" for h in HANDLERS if template_names(h)) + ").")
+@click.option("--chat-template", "chat_template", metavar="auto|NAME|FILE.jinja",
+              help="The model's Jinja chat template: auto = the tokenizer's own (chat_template.jinja or "
+                   "tokenizer_config.json), a name (chatml, llama3, or one of the tokenizer's named templates), or a "
+                   "file. Default for --handler messages: auto; alpaca/belle use it only when given.")
+@click.option("--chat-template-kwargs", "chat_template_kwargs", default="", metavar="JSON",
+              help='Extra template variables, e.g. \'{"enable_thinking": false}\'.')
 @click.option("--system", help="System prompt for records that carry none (templates that have one).")
 @click.option("--train-on-prompt", is_flag=True, help="Loss on every token, not only the responses.")
 @click.option("--last-turn-only", is_flag=True, help="Multi-turn data: loss on the final answer only.")
@@ -218,7 +224,8 @@ def _tune_malloc() -> None:
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
 @megatron_flags
 @clean_exits
-def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template, system,
+def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_keys, json_keys, template,
+          chat_template, chat_template_kwargs, system,
           train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, empty_response, workers, streaming, hf_dataset,
           hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, tokenizer_backend,
           quiet, json_summary) -> None:
@@ -247,6 +254,8 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         map_keys=map_keys,
         json_keys=tuple(k.strip() for k in json_keys.split(",") if k.strip()),
         template=template,
+        chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs,
         system=system,
         train_on_prompt=train_on_prompt,
         last_turn_only=last_turn_only,
@@ -285,6 +294,10 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
     tok, eod = m["tokenizer"], m["eod"]
     bos = "none" if tok["bos_id"] is None else f"id {tok['bos_id']}"
     template = m["config"]["template"] or "default"
+    if m["config"].get("chat_template_origin"):
+        template = f"chat template {m['config']['chat_template_origin']}"
+        if m["config"].get("chat_template_note"):
+            template += f" ({m['config']['chat_template_note']})"
     click.echo(
         f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}_loss_mask.{{bin,idx}}\n"
         f"  tokenizer {tok['path']}  EOD {eod['token']!r} (id {eod['id']}, {eod['source']})  BOS {bos}  "

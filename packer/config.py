@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -46,6 +47,19 @@ class BuildConfig:
     num_shards: int = 1
     shard_index: int = 0
     tokenizer_backend: str = "auto"  # auto: tiktoken where it is proven exact for the tokenizer, else tokenizers
+    chat_template: str | None = None  # None: the tokenizer's own for `messages`, none for the other handlers
+    chat_template_kwargs: str = ""  # JSON object of extra template variables, e.g. {"enable_thinking": false}
+
+    def template_variables(self) -> dict:
+        if not self.chat_template_kwargs:
+            return {}
+        try:
+            value = json.loads(self.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            raise BuildError(f"--chat-template-kwargs: not JSON ({e.msg}); e.g. '{{\"enable_thinking\": false}}'") from e
+        if not isinstance(value, dict):
+            raise BuildError("--chat-template-kwargs must be a JSON object of template variables")
+        return value
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -61,6 +75,11 @@ class BuildConfig:
         if self.tokenizer_backend not in TOKENIZER_BACKENDS:
             raise BuildError(f"--tokenizer-backend {self.tokenizer_backend!r}: choose one of "
                              f"{', '.join(TOKENIZER_BACKENDS)}")
+        if self.chat_template is not None and self.template is not None:
+            raise BuildError(f"--template {self.template} and --chat-template {self.chat_template}: choose one "
+                             "(--template: packer's built-in formats; --chat-template: a model's Jinja template)")
+        if self.chat_template_kwargs:
+            self.template_variables()
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
         if self.batch_size < 1:

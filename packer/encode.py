@@ -99,12 +99,14 @@ class RecordEncoder:
         """`twin_proven`: the parent process proved the tiktoken twin exact (`choose_backend`); load it unprobed."""
         self.config = config
         self.tokenizer, self.info = load_tokenizer(config.tokenizer, config.eod_token)
+        self.chat, self.chat_note = self._chat_renderer()
         options = HandlerOptions(
             template=config.template,
             map_keys=dict(config.map_keys),
             json_keys=tuple(config.json_keys),
             last_turn_only=config.last_turn_only,
             system=config.system,
+            chat=self.chat,
             keep_empty_response=config.empty_response == "keep",
         )
         try:
@@ -118,6 +120,54 @@ class RecordEncoder:
         if twin_proven:
             self.encoder.twin, _ = self._twin(probe=False)
             self.backend = "tiktoken"
+
+    def _chat_renderer(self):
+        """(the chat template for this build or None, a note on BOS where tokenizer and template disagree)."""
+        from packer.chat_template import ChatRenderer, TemplateError, find_template, special_tokens
+
+        config = self.config
+        if config.chat_template is None and config.handler != "messages":
+            return None, ""
+        try:
+            found = find_template(config.chat_template, config.tokenizer)
+        except TemplateError as e:
+            raise BuildError(str(e)) from e
+        if found is None:
+            if config.handler == "messages":
+                raise BuildError(f"--handler messages: the tokenizer {config.tokenizer} has no chat template "
+                                 "(no chat_template.jinja, no chat_template in tokenizer_config.json); pass "
+                                 "--chat-template chatml|llama3|FILE.jinja")
+            raise BuildError(f"--chat-template auto: the tokenizer {config.tokenizer} has no chat template; pass "
+                             "--chat-template chatml|llama3|FILE.jinja, or --template NAME")
+        source, origin = found
+        variables = special_tokens(config.tokenizer) | config.template_variables()
+        specials = frozenset(t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special)
+        chat = ChatRenderer(source, origin, variables, specials)
+        try:
+            chat.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+        except TemplateError as e:
+            raise BuildError(f"--chat-template {origin}: {e}") from e
+        except ValueError:
+            pass  # a template that refuses this probe may still take real records; they report their own errors
+        return chat, self._bos_note(chat, variables.get("bos_token"))
+
+    def _bos_note(self, chat, bos_text: str | None) -> str:
+        """BOS exactly once: the pipeline drops the text's copy when the tokenizer adds one too. Say where
+        tokenizer and template disagree."""
+        from packer.chat_template import SpanError
+
+        try:
+            text = chat.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+        except SpanError:
+            return ""
+        writes = bool(bos_text) and text.startswith(bos_text)
+        adds = self.info.bos_id is not None
+        if writes and not adds:
+            return f"BOS {bos_text!r} comes from the chat template (the tokenizer adds none)"
+        if adds and not writes:
+            return ("the tokenizer adds BOS, the chat template does not write it: one BOS kept, as the tokenizer "
+                    "adds it")
+        return ""
 
     def _twin(self, sample: list[str] = (), probe: bool = True):
         from packer.tiktoken_backend import load
@@ -176,8 +226,11 @@ class RecordEncoder:
                             "error": e.message, "data": _storable(rec, data)})
 
         segments, kept, kept_data = [], [], []
+        list_field = getattr(self.handler, "list_field", None)
         for rec in records:
             data = rec.parsed()
+            if list_field and isinstance(data, list):  # a bare list of messages
+                data = {list_field: data}
             try:
                 if isinstance(data, BadRecord):
                     raise RecordError("<line>", data.message)

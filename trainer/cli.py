@@ -35,6 +35,14 @@ from packer.trainer.train import TrainConfig, train
     help="varlen/blockwise: packed rows; padded: one document per row (baseline).",
 )
 @click.option(
+    "--npu-sparse-mode",
+    type=click.Choice(["4", "3"]),
+    default="4",
+    show_default=True,
+    callback=lambda _ctx, _param, value: int(value),
+    help="npu_fusion_attention sparse_mode: 4 band (MindSpeed-LLM), 3 rightDownCausal (transformers, XTuner).",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda", "npu"]), default="auto", show_default=True
 )
 @click.option(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from packer.trainer import checkpoint, hf
-from packer.trainer.attention import resolve_backend
+from packer.trainer.attention import AttentionConfig, max_segments_per_micro_batch, resolve_backend
 from packer.trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
 from packer.trainer.model import ModelConfig, build_model, load_model_config
 
@@ -47,6 +47,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping (grad_norm is still reported)
     grad_accum: int = 1
     attention: AttentionChoice = "varlen"
+    npu_sparse_mode: int = 4  # 4: band, MindSpeed-LLM's TND call; 3: rightDownCausal (transformers, XTuner)
     device: str = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
     loss_average: Literal["token", "sample"] = "token"
@@ -240,6 +241,7 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
             f"pass --seq-length >= {ds.seq_length} or rebuild the data with a shorter --seq-length"
         )
     backend, layout = attention_backend(cfg.attention, device, cfg.dtype)
+    backend = AttentionConfig(backend, npu_sparse_mode=cfg.npu_sparse_mode)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -304,6 +306,9 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
             f"{len(ds)} packs, seq {seq_length}, {ddp.world_size} rank(s) x {cfg.grad_accum} x "
             f"{cfg.micro_batch_size} packs/step | device {device}"
         )
+        if layout == "packed":  # the longest actual_seq_len a kernel call can get (npu: split above 1024)
+            segs = max_segments_per_micro_batch(ds, cfg.micro_batch_size, seq_length)
+            bar.write(f"up to {segs} attention segments per micro-batch")
 
     records = []
     model.train()

@@ -54,6 +54,7 @@ def test_chatml():
         ),
         Segment("5", target=True),
         Segment("<|im_end|>", target=True),
+        Segment("\n"),  # every message ends "<|im_end|>\n", the last one too, as in Qwen2.5's own template
     ]
     assert handle(HISTORY, template="chatml") == [
         Segment("<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"),
@@ -65,6 +66,7 @@ def test_chatml():
         Segment("\n<|im_start|>user\nAnd 2+3?<|im_end|>\n<|im_start|>assistant\n"),
         Segment("5", target=True),
         Segment("<|im_end|>", target=True),
+        Segment("\n"),
     ]
 
 
@@ -87,7 +89,8 @@ def test_llama3():
     head = "<|start_header_id|>{}<|end_header_id|>\n\n"
     assert handle({**HISTORY, "history": [["1+1?", "2"]], "system": "You add."}, template="llama3") == [
         Segment(
-            head.format("system")
+            "<|begin_of_text|>"  # Meta's template starts with bos_token; the pipeline keeps one BOS
+            + head.format("system")
             + "You add.<|eot_id|>"
             + head.format("user")
             + "1+1?<|eot_id|>"
@@ -149,7 +152,10 @@ def test_answers_are_byte_exact_targets(template):
         "history": [["q", "\na"]],
     }
     targets = [s.text for s in handle(record, template=template) if s.target]
-    assert [t for t in targets if t not in ("<|im_end|>", "<|eot_id|>")] == ["\na", "  two spaces, a tab\t\n"]
+    want = ["\na", "  two spaces, a tab\t\n"]
+    if template == "llama3":  # Meta's template trims every message (`content | trim`), and so does ours
+        want = [w.strip() for w in want]
+    assert [t for t in targets if t not in ("<|im_end|>", "<|eot_id|>")] == want
 
 
 def test_missing_and_wrong_type_fields_name_the_column_and_the_fix():

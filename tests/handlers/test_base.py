@@ -12,11 +12,18 @@ from packer.handlers.base import Columns, SegmentBuilder
 from packer.records import Segment
 
 
+def _chatml():
+    from packer.chat_template import ChatRenderer, find_template
+
+    return ChatRenderer(find_template("chatml", ".")[0], "built-in chatml", {}, frozenset({"<|im_end|>"}))
+
+
 def test_handlers_are_looked_up_by_name():
-    assert HANDLERS == ("alpaca", "belle", "moss", "text")
-    overflow = {"alpaca": "truncate", "belle": "truncate", "moss": "truncate", "text": "split"}
+    assert HANDLERS == ("alpaca", "belle", "messages", "moss", "text")
+    overflow = {"alpaca": "truncate", "belle": "truncate", "messages": "truncate", "moss": "truncate",
+                "text": "split"}
     for name in HANDLERS:
-        handler = get_handler(name)
+        handler = get_handler(name, HandlerOptions(chat=_chatml()) if name == "messages" else None)
         assert handler.name == name
         assert handler.default_overflow == overflow[name]
         assert callable(importlib.import_module(f"handlers.{name}").make)
@@ -28,6 +35,10 @@ def test_handlers_pickle_for_worker_processes():
         handler = get_handler(name, options if name != "moss" else HandlerOptions(system="S"))
         assert pickle.loads(pickle.dumps(handler)) == handler
     assert pickle.loads(pickle.dumps(get_handler("text"))) == get_handler("text")
+    messages = get_handler("messages", HandlerOptions(chat=_chatml()))
+    assert pickle.loads(pickle.dumps(messages)) == messages
+    with pytest.raises(ValueError, match="needs a chat template"):
+        get_handler("messages")
 
 
 def test_unknown_handler_lists_choices():
@@ -42,6 +53,7 @@ def test_templates_are_discoverable():
     assert handlers.belle.TEMPLATES == ("belle", "belle_legacy")
     assert handlers.moss.TEMPLATES == ()
     assert handlers.text.TEMPLATES == ()
+    assert handlers.messages.TEMPLATES == ()  # it takes --chat-template instead
 
 
 @pytest.mark.parametrize("name", ["alpaca", "belle"])

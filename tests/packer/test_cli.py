@@ -128,6 +128,7 @@ def test_version_and_help(runner):
 FOREIGN_FLAGS = {
     "--help": "click's own",
     "--no-build-isolation": "pip's, in the flash-attn install hint",
+    "--nproc-per-node": "torchrun's, in the resume hint that says how many ranks to start",
     # Megatron-LM / MindSpeed-LLM training flags, quoted where we say how to train on an export
     **dict.fromkeys(("--neat-pack", "--no-pad-to-seq-lengths", "--reset-position-ids", "--reset-attention-mask",
                      "--data-path", "--eod-mask-loss", "--context-parallel-size", "--dataloader-fast-cache-load",

@@ -334,13 +334,17 @@ def test_eod_of_the_shared_chat_tokenizers(helpers, name, eod, source):
 
 
 def test_template_ending_with_a_special_eod_is_not_doubled(make_tokenizer):
-    """chatml + --eod-token '<|im_end|>': the answer's own <|im_end|> ends the sample; one EOD, a target."""
+    """A text that ends with the special EOD ends the sample: one EOD, a target, never doubled."""
     d = make_tokenizer(["<|endoftext|>", "<|im_end|>", "<|im_start|>"])
     tok, info = load_tokenizer(d, eod_token="<|im_end|>")
-    segs = get_handler("alpaca", _opts(template="chatml"))({"instruction": "Hi", "output": "Hello"})
+    segs = [Segment("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), Segment("Hello<|im_end|>", True)]
     (sample,) = SampleEncoder(tok, info).encode_batch([segs])
     assert int((sample.ids == info.eod_id).sum()) == 2  # the user turn's terminator, and the sample's end
     assert sample.ids[-1] == info.eod_id and sample.ids[-2] != info.eod_id and sample.loss_mask[-1] == 1
+    # chatml ends the last turn "<|im_end|>\n" (as Qwen's template and TRL's EOS appending do): EOD after it
+    segs = get_handler("alpaca", _opts(template="chatml"))({"instruction": "Hi", "output": "Hello"})
+    (sample,) = SampleEncoder(tok, info).encode_batch([segs])
+    assert int((sample.ids == info.eod_id).sum()) == 3 and sample.ids[-1] == info.eod_id
 
 
 def test_ordinary_token_as_eod_is_still_appended(make_tokenizer):

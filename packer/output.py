@@ -246,6 +246,8 @@ class OutputSet:
             return None
         if not self._rejects_placed:
             self._close_rejects()
+            if self.manifest_path.exists():  # an earlier build stays as it was, its rejects file its own
+                self.rejects_path = Path(f"{self.prefix}.failed.rejects.jsonl")
             os.replace(self._rejects_tmp, self.rejects_path)
             self._rejects_placed = True
         return self.rejects_path
@@ -289,6 +291,9 @@ class OutputSet:
         self.manifest_path.unlink(missing_ok=True)
         if not self._rejects_placed:
             self.rejects_path.unlink(missing_ok=True)  # an earlier run's would mislead, even for a moment
+        failed = Path(f"{self.prefix}.failed.rejects.jsonl")  # a failed run's rejects, beside the earlier build
+        if failed.exists():
+            failed.unlink()
         for writer in self._datasets[1:]:
             writer.idx_path.unlink(missing_ok=True)
         replaced = {f.resolve() for f in self._files} | {

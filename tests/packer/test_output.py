@@ -380,3 +380,29 @@ def test_a_folder_where_an_output_file_goes_is_refused_before_any_work(tmp_path)
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         OutputSet(tmp_path / "file" / "sub" / "out", kind="test")
+
+
+def test_a_run_that_writes_nothing_leaves_an_earlier_build_and_its_rejects_alone(tmp_path):
+    """No sample at all: the failed run's rejects go beside, never over, the earlier build's own."""
+    import json as _json
+
+    from packer.build import build
+    from packer.config import BuildConfig, BuildError
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(_json.dumps({"instruction": "a", "output": "b"}) + "\n{broken\n", encoding="utf-8")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{broken\n", encoding="utf-8")
+    gpt2 = str(Path(__file__).resolve().parents[2] / "packer" / "assets" / "gpt2")
+    kw = dict(handler="alpaca", tokenizer=gpt2, seq_length=64, output_prefix=str(tmp_path / "o"), on_error="skip",
+              tokenizer_backend="hf")
+    build(BuildConfig(inputs=(str(good),), **kw), progress=False)
+    before = (tmp_path / "o.rejects.jsonl").read_text(encoding="utf-8")
+    with pytest.raises(BuildError, match=r"o\.failed\.rejects\.jsonl"):
+        build(BuildConfig(inputs=(str(bad),), **kw), progress=False)
+    assert (tmp_path / "o.rejects.jsonl").read_text(encoding="utf-8") == before
+    from packer.verify import verify
+
+    assert verify(tmp_path / "o").ok
+    build(BuildConfig(inputs=(str(good),), **kw), progress=False)  # a later success clears the failed run's file
+    assert not (tmp_path / "o.failed.rejects.jsonl").exists()

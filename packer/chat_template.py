@@ -210,8 +210,15 @@ class ChatRenderer:
                             "strips or splits it), so the assistant turns cannot be located exactly; use a "
                             "template with {% generation %} blocks (--chat-template FILE.jinja)")
         where: dict[int, list[int]] = {}
-        for _, i, p in found:
+        starts: dict[int, int] = {}
+        for kind, i, p in found:
             where.setdefault(i, []).append(p)
+            starts[i] = starts.get(i, 0) + (kind == MSG_START)
+        strings = {i: len(_strings(m)) for i, m in enumerate(messages)}
+        for i, n in starts.items():
+            if n > strings[i] and messages[i].get("role") == "assistant":
+                raise SpanError(f"the chat template ({self.origin}) writes assistant message {i + 1}'s text more "
+                                "than once; which copy is the target cannot be told")
         order = sorted((p, i) for _, i, p in found)  # every mark, by position: its neighbours bound a turn
         positions = [p for p, _ in order]
         prompt, terminator = self._prompt_and_terminator()

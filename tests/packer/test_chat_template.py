@@ -175,6 +175,10 @@ def test_a_template_that_changes_content_is_refused_not_guessed() -> None:
     assert chat.render([{"role": "assistant", "content": "xyz"}]) == "assistant: z\n"
     with pytest.raises(SpanError, match="changes the message text"):  # slicing cuts into the marks
         chat.segments([{"role": "user", "content": "q"}, {"role": "assistant", "content": "banana"}])
+    echo = ChatRenderer("{% for m in messages %}{{ m.content }}|{% endfor %}{{ messages[-1].content }}", "e", {},
+                        frozenset())
+    with pytest.raises(SpanError, match="more than once"):
+        echo.segments([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     swap = ChatRenderer("{% for m in messages %}{{ m.content | replace('a', 'b') }}|{% endfor %}", "r", {},
                         frozenset())
     assert targets(swap.segments([{"role": "user", "content": "q"}, {"role": "assistant", "content": "banana"}])

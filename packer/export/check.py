@@ -168,7 +168,7 @@ def is_export(prefix: str) -> bool:
     try:
         with open(manifest_path(prefix), encoding="utf-8") as f:
             head = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a broken or hostile manifest is not an export
         return False
     from packer.export import FORMAT
 

@@ -170,17 +170,11 @@ def _template_ends_turns_with(config: dict, token: str) -> bool:
         return False
     turns = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
              {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from packer.chat_template import ChatRenderer
 
-        def raise_exception(message):
-            raise ValueError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        text = env.from_string(template).render(
-            messages=turns, add_generation_prompt=False, eos_token=token,
-            bos_token=_config_token(config, "bos_token") or "")
+    try:  # rendered as transformers renders it (packer.chat_template)
+        text = ChatRenderer(template, "tokenizer_config.json chat_template",
+                            {"eos_token": token, "bos_token": _config_token(config, "bos_token") or ""}).render(turns)
     except Exception:  # an unusual template: fall back to what its text says
         return token in template or "eos_token" in template
     return text.count(token) >= 2 or (token in text and not text.rstrip().endswith(token))

@@ -22,7 +22,8 @@ The balanced order (`balanced_plan`, `balanced_window`) for one epoch:
       2. bins sorted by load, W consecutive bins make a step: each step's ranks get similar loads
       3. if the window's sum of step maxima is not below the unbalanced order's: the unbalanced window
       4. the K steps shuffled, the W bins of a step dealt to ranks at random (seeded)
-      5. each rank-step's A*B packs split into A micro-batches of B by LPT, heaviest first
+      5. each rank-step's A*B packs dealt to A micro-batches of B, largest first in snake order
+         (0..A-1, A-1..0, ...), the micro-batches then heaviest first
 
 For W = 2 ranks, A = B = 1, K = 2 steps, costs [9, 1, 8, 2] in perm order:
 
@@ -216,16 +217,17 @@ def balanced_window(
     rng = np.random.default_rng([seed, epoch, 1, window])
     by_load = by_load[rng.permutation(K)]
     by_load = np.take_along_axis(by_load, np.argsort(rng.random((K, W)), axis=1), axis=1)
+    rank_bins = bins[by_load]  # (K, W, A*B) positions, each bin's packs heaviest first (LPT fills in order)
     if A == 1:
-        return packs[bins[by_load]].reshape(K, W, 1, B)
-    out = np.empty((K, W, A, B), dtype=np.int64)
-    for k in range(K):
-        for r in range(W):
-            rank_packs = bins[by_load[k, r]]  # (A*B,)
-            micro = rank_packs[_lpt(c[rank_packs], A, B)]  # (A, B)
-            heaviest_first = np.argsort(-c[micro].sum(axis=1), kind="stable")
-            out[k, r] = packs[micro[heaviest_first]]
-    return out
+        return packs[rank_bins].reshape(K, W, 1, B)
+    # A rank's A*B packs into A micro-batches of B: dealt heaviest first in snake order (micro-batches
+    # 0..A-1, then A-1..0, ...), vectorised over every rank-step; then its micro-batches heaviest first.
+    by_cost = np.take_along_axis(rank_bins, np.argsort(-c[rank_bins], axis=2, kind="stable"), axis=2)
+    j = np.arange(A * B)
+    snake = np.where((j // A) % 2 == 0, j % A, A - 1 - j % A)  # micro-batch of the j-th heaviest pack
+    micro = by_cost[:, :, np.argsort(snake, kind="stable")].reshape(K, W, A, B)
+    heaviest_first = np.argsort(-c[micro].sum(axis=3), axis=2, kind="stable")
+    return packs[np.take_along_axis(micro, heaviest_first[..., None], axis=2)]
 
 
 def balanced_plan(

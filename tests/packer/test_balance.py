@@ -87,6 +87,21 @@ def test_hand_computed_two_ranks():
     assert step_max_sum(costs, plan) == 11
 
 
+def test_hand_computed_micro_batches_of_a_rank():
+    perm = epoch_permutation(8, seed=0, epoch=0)
+    costs = np.zeros(8, dtype=np.int64)
+    costs[perm] = [8, 7, 6, 5, 4, 3, 2, 1]  # unbalanced: rank 0 reads 8, 6, 4, 2 = 20, rank 1 7, 5, 3, 1 = 16
+    shape = StepShape(dp_size=2, grad_accum=2, micro_batch_size=2)
+    assert rank_costs(costs, unbalanced_plan(8, shape, seed=0, epoch=0)).tolist() == [[20, 16]]
+    plan = balanced_plan(costs, shape, seed=0, epoch=0, window_steps=1)
+    # LPT: {8, 5, 4, 1} and {7, 6, 3, 2}, 18 each; snake into micro-batches: [8, 1] [5, 4] and [7, 2] [6, 3]
+    assert sorted(sorted(costs[plan[0, r]].tolist()) for r in range(2)) == [
+        [[5, 4], [8, 1]],
+        [[6, 3], [7, 2]],
+    ]
+    assert costs[plan].sum(axis=3).tolist() == [[[9, 9], [9, 9]]]
+
+
 def test_lpt_with_cap_then_swap():
     c = np.array([5, 6, 9, 7, 6, 5])
     bins = _lpt(c, n_bins=2, cap=3)

@@ -15,6 +15,9 @@ Backends (see docs/attention.md):
                split into several calls above NPU_MAX_SEGMENTS segments
     cuda       torch.nn.attention.varlen.varlen_attn (or flash_attn.flash_attn_varlen_func)
     padded     dense causal SDPA over each full row; ignores documents (the baseline of one doc per row)
+
+Under context parallelism the meta is a `trainer.context_parallel.CPMeta` and every backend runs as the step
+kernel of ring attention (reference/blockwise: the exact fp32 step; npu, cuda: the fused kernels per step).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from packer.trainer.context_parallel import CPMeta, cp_attention
 from packer.trainer.kernels import (
     NPU_MAX_SEGMENTS,
     NPU_SPARSE_MODE,
@@ -221,6 +225,8 @@ def attention(
     """
     cfg = backend if isinstance(backend, AttentionConfig) else AttentionConfig(backend)
     backend = cfg.backend
+    if isinstance(meta, CPMeta):  # context parallel: this rank's zigzag share, ring attention (trainer.context_parallel)
+        return cp_attention(q, k, v, meta, backend, cfg.npu_max_segments, scale)
     block_size = cfg.block_size if block_size is None else block_size
     check_inputs(q, k, v, meta)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

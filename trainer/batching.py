@@ -68,6 +68,8 @@ class MicroBatch:
     num_tokens: int  # real (non-pad) tokens
     num_targets: int  # tokens with a label
     num_docs: int  # documents with at least one label (the denominator of --loss-average sample)
+    # context parallel: targets of each segment over the whole micro-batch (this rank holds only a share)
+    segment_targets_S: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> MicroBatch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
@@ -78,7 +80,12 @@ class MicroBatch:
             labels_T=move(self.labels_T),
             segment_ids_T=move(self.segment_ids_T),
             target_idx_N=move(self.target_idx_N),
-            meta=dataclasses.replace(self.meta, cu_seqlens=move(self.meta.cu_seqlens)),
+            meta=(
+                self.meta.to(device)
+                if hasattr(self.meta, "to")  # a context-parallel CPMeta
+                else dataclasses.replace(self.meta, cu_seqlens=move(self.meta.cu_seqlens))
+            ),
+            segment_targets_S=None if self.segment_targets_S is None else move(self.segment_targets_S),
         )
 
 
@@ -90,10 +97,36 @@ def _row_docs(pack: Pack) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(pack.ids[a:b], pack.loss_mask[a:b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
 
-def collate(packs: Sequence[Pack], row_len: int, pad_id: int, layout: Layout = "packed") -> MicroBatch:
-    """Build one micro-batch from packs. `packed`: one row per pack; `padded`: one row per document."""
+def _pad_docs(ids: np.ndarray, mask: np.ndarray, lens: np.ndarray, multiple: int, pad_id: int):
+    """Each document followed by pad tokens up to a multiple of `multiple` (never targets), as a
+    `packer build --cp-size N` build planned it. lens [3, 4], multiple 4: a a a P b b b b -> lens [4, 4]."""
+    padded = -(-lens // multiple) * multiple
+    if (padded == lens).all():
+        return ids, mask, lens
+    starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
+    where = np.repeat(starts, lens) + (np.arange(len(ids)) - np.repeat(np.cumsum(lens) - lens, lens))
+    out_ids = np.full(int(padded.sum()), pad_id, dtype=np.int64)
+    out_mask = np.zeros(int(padded.sum()), dtype=np.uint8)
+    out_ids[where], out_mask[where] = ids, mask
+    return out_ids, out_mask, padded
+
+
+def collate(
+    packs: Sequence[Pack], row_len: int, pad_id: int, layout: Layout = "packed", pad_multiple: int = 1
+) -> MicroBatch:
+    """Build one micro-batch from packs. `packed`: one row per pack; `padded`: one row per document.
+
+    `pad_multiple` > 1 (packed only): every document is followed by pad tokens up to a multiple of it, the
+    layout context parallelism needs (`packer build --cp-size N` packed the documents so that this fits).
+    The pad tokens belong to their document's segment, come after all of its real tokens (so no real token
+    attends to them) and are never targets.
+    """
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     if layout == "packed":
         rows = [(p.ids, p.loss_mask, np.asarray(p.doc_lens, dtype=np.int64)) for p in packs]
+        if pad_multiple > 1:
+            rows = [_pad_docs(*row, pad_multiple, pad_id) for row in rows]
     elif layout == "padded":
         rows = [(ids, mask, np.array([len(ids)])) for p in packs for ids, mask in _row_docs(p) if len(ids)]
     else:
@@ -130,7 +163,7 @@ def collate(packs: Sequence[Pack], row_len: int, pad_id: int, layout: Layout = "
     keep = same_seg & targets[1:]
     labels[:-1][keep] = tokens[1:][keep]
 
-    num_tokens = int(sum(len(ids) for ids, _, _ in rows))
+    num_tokens = int(sum(len(p.ids) for p in packs))
     docs_with_targets = np.unique(segment_ids[:-1][keep]).size
     meta = VarlenMeta(
         cu_seqlens=torch.from_numpy(cu),

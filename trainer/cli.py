@@ -28,6 +28,14 @@ from packer.trainer.train import TrainConfig, train
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables clipping.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step per rank.")
 @click.option(
+    "--context-parallel-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="CP ranks per data-parallel replica: ring attention, each document cut into 2N chunks (zigzag). "
+    "Needs data built with `packer build --cp-size N`; ranks = DP x CP under torchrun.",
+)
+@click.option(
     "--attention",
     type=click.Choice(["varlen", "blockwise", "padded"]),
     default="varlen",

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from packer.trainer import checkpoint, hf
 from packer.trainer.attention import AttentionConfig, max_segments_per_micro_batch, resolve_backend
 from packer.trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
+from packer.trainer.context_parallel import cp_groups, shard_micro_batch
 from packer.trainer.model import ModelConfig, build_model, load_model_config
 
 AttentionChoice = Literal["varlen", "blockwise", "padded"]
@@ -46,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping (grad_norm is still reported)
     grad_accum: int = 1
+    context_parallel_size: int = 1  # CP ranks per data-parallel replica (ring attention over documents)
     attention: AttentionChoice = "varlen"
     npu_sparse_mode: int = 4  # 4: band, MindSpeed-LLM's TND call; 3: rightDownCausal (transformers, XTuner)
     device: str = "auto"
@@ -62,13 +64,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "steps", "grad_accum"):
+        for name in ("micro_batch_size", "steps", "grad_accum", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.attention not in ("varlen", "blockwise", "padded"):
             raise ValueError(f"--attention {self.attention!r}: choose varlen, blockwise or padded")
         if self.loss_average not in ("token", "sample"):
             raise ValueError(f"--loss-average {self.loss_average!r}: choose token or sample")
+        if self.context_parallel_size > 1 and self.attention == "padded":
+            raise ValueError(
+                "--attention padded (one document per row, no boundaries) cannot run under "
+                "--context-parallel-size > 1; use --attention varlen"
+            )
         if self.save_every and not self.save:
             raise ValueError("--save-every needs --save DIR")
         if self.new_schedule and not self.resume:
@@ -111,9 +118,12 @@ def loss_sum(logits_NV: torch.Tensor, mb: MicroBatch, average: str, at: torch.Te
     if average == "token":
         return losses_N.sum()
     n_seg = mb.meta.cu_seqlens.numel() - 1
-    is_target_N = (labels != IGNORE_INDEX).float()
     seg_loss = losses_N.new_zeros(n_seg).index_add_(0, segments, losses_N)
-    seg_count = losses_N.new_zeros(n_seg).index_add_(0, segments, is_target_N)
+    if mb.segment_targets_S is not None:  # context parallel: documents span ranks, count them whole
+        seg_count = mb.segment_targets_S
+    else:
+        is_target_N = (labels != IGNORE_INDEX).float()
+        seg_count = losses_N.new_zeros(n_seg).index_add_(0, segments, is_target_N)
     return (seg_loss / seg_count.clamp(min=1)).sum()
 
 
@@ -233,6 +243,36 @@ def train(cfg: TrainConfig, dataset=None) -> list[dict]:
             dist.destroy_process_group()
 
 
+def check_context_parallel(ds, cp_size: int, seq_length: int) -> int:
+    """The document padding multiple the micro-batches are laid out with (1 = none), after checking that the
+    data was built for this context-parallel size (`packer build --cp-size N`, recorded in its manifest)."""
+    built_cp = int(getattr(ds, "cp_size", 1) or 1)
+    multiple = int(getattr(ds, "pad_multiple", 1) or 1)
+    if cp_size > 1:
+        if built_cp != cp_size:
+            built = (
+                f"built for --cp-size {built_cp} (documents padded to a multiple of {multiple})"
+                if built_cp > 1
+                else "built without --cp-size (documents not padded)"
+            )
+            raise ValueError(
+                f"--context-parallel-size {cp_size}, but the data {getattr(ds, 'prefix', '')} was {built}; "
+                f"rebuild it with `packer build ... --cp-size {cp_size}` or train with --context-parallel-size "
+                f"{built_cp}"
+            )
+        if multiple % (2 * cp_size):
+            raise ValueError(
+                f"the data pads documents to a multiple of {multiple}, which context parallel size {cp_size} "
+                f"cannot cut into {2 * cp_size} equal chunks; rebuild with `packer build ... --cp-size {cp_size}`"
+            )
+        if seq_length % (2 * cp_size):
+            raise ValueError(
+                f"--seq-length {seq_length} is not a multiple of 2 x --context-parallel-size = {2 * cp_size}: a row's "
+                "padding tail could not be cut into equal chunks; pass a multiple (or leave the data's seq_length)"
+            )
+    return multiple
+
+
 def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
     seq_length = cfg.seq_length or ds.seq_length
     if seq_length < ds.seq_length:
@@ -242,6 +282,11 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
         )
     backend, layout = attention_backend(cfg.attention, device, cfg.dtype)
     backend = AttentionConfig(backend, npu_sparse_mode=cfg.npu_sparse_mode)
+    cp = cfg.context_parallel_size
+    pad_multiple = check_context_parallel(ds, cp, seq_length) if layout == "packed" else 1
+    ring, dp_rank, dp_size = (
+        cp_groups(ddp.world_size, cp, ddp.rank) if cp > 1 else (None, ddp.rank, ddp.world_size)
+    )
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -251,12 +296,13 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
         hf.check_save_dir(cfg.save_hf)  # now, not after the run
     model = build_model(cfg.model, model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg, fused=device.type == "cuda")
-    order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, ddp.rank, ddp.world_size)
+    order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, dp_rank, dp_size)
     run_args = {
         **_primitive(dataclasses.asdict(cfg)),
         "seq_length": seq_length,  # resolved, so a resume compares values, not how they were given
         "model_config": model_cfg.to_dict(),
         "world_size": ddp.world_size,
+        "context_parallel_size": cp,
         "betas": list(ADAM_BETAS),
         "eps": ADAM_EPS,
         "data_files": data_fingerprint(ds),
@@ -303,8 +349,10 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
     if ddp.is_main and cfg.progress:
         bar.write(
             f"model {model.num_params() / 1e6:.2f}M params | attention {backend} ({layout} rows) | "
-            f"{len(ds)} packs, seq {seq_length}, {ddp.world_size} rank(s) x {cfg.grad_accum} x "
-            f"{cfg.micro_batch_size} packs/step | device {device}"
+            f"{len(ds)} packs, seq {seq_length}, {dp_size} rank(s) x {cfg.grad_accum} x "
+            f"{cfg.micro_batch_size} packs/step"
+            + (f", context parallel {cp} (ring, zigzag per document)" if cp > 1 else "")
+            + f" | device {device}"
         )
         if layout == "packed":  # the longest actual_seq_len a kernel call can get (npu: split above 1024)
             segs = max_segments_per_micro_batch(ds, cfg.micro_batch_size, seq_length)
@@ -318,9 +366,12 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [
-            collate([ds[i] for i in order.next()], seq_length, ds.pad_id, layout).to(device)
+            collate([ds[i] for i in order.next()], seq_length, ds.pad_id, layout, pad_multiple)
             for _ in range(cfg.grad_accum)
         ]
+        if ring is not None:  # every CP rank built the same micro-batch; each keeps its zigzag share
+            micro = [shard_micro_batch(mb, ring) for mb in micro]
+        micro = [mb.to(device) for mb in micro]
         local_counts = [
             sum(mb.num_targets if cfg.loss_average == "token" else mb.num_docs for mb in micro),
             sum(mb.num_tokens for mb in micro),
@@ -403,10 +454,10 @@ _RESUME_MUST_MATCH = (
     *_SCHEDULE_ARGS,
     *("weight_decay", "grad_clip", "betas", "eps"),
     *("dtype", "loss_average", "attention", "seq_length", "model_config"),
-    *("micro_batch_size", "grad_accum", "world_size", "seed"),
+    *("micro_batch_size", "grad_accum", "world_size", "context_parallel_size", "seed"),
 )
 # What checkpoints written before these were recorded used.
-_SAVED_DEFAULTS = {"betas": [0.9, 0.95], "eps": 1e-8}
+_SAVED_DEFAULTS = {"betas": [0.9, 0.95], "eps": 1e-8, "context_parallel_size": 1}
 
 
 def _resume_mismatch(key: str, was, now, saved: dict) -> str:

@@ -133,3 +133,24 @@ def tiny_build(tmp_path_factory):
         return prefix
 
     return make
+
+
+class FakeCPDataset(FakePackedDataset):
+    """Random packs as `packer build --cp-size N` lays them out: every document's length rounded up to a
+    multiple of 2N fits the row (so the padded documents sum to <= seq_length), with short documents of 1..2N-1
+    tokens (chunks that are pad only), and some rows with a padding tail."""
+
+    def __init__(self, n_packs: int = 8, seq_length: int = 64, cp_size: int = 2, vocab_size: int = 97, seed: int = 0):
+        self.seq_length, self.vocab_size = seq_length, vocab_size
+        self.eod_id = self.pad_id = vocab_size - 1
+        self.cp_size, self.pad_multiple = cp_size, 2 * cp_size
+        m = self.pad_multiple
+        rng = np.random.default_rng(seed)
+        self.packs = []
+        for p in range(n_packs):
+            lens, room = [], seq_length - (0 if p % 2 else m)  # odd packs full, even ones with a tail
+            while room >= m:
+                n = int(rng.integers(1, min(room, 3 * m) + 1))
+                lens.append(n)
+                room -= -(-n // m) * m
+            self.packs.append(random_pack(rng, lens, vocab_size, self.eod_id))

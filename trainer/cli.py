@@ -36,6 +36,12 @@ from packer.trainer.train import TrainConfig, train
     "Needs data built with `packer build --cp-size N`; ranks = DP x CP under torchrun.",
 )
 @click.option(
+    "--balance-attention",
+    is_flag=True,
+    help="Data order that balances each step's attention cost (sum of squared document lengths) across "
+    "data-parallel ranks: windows of 32 steps re-dealt so the slowest rank waits less (packer.balance).",
+)
+@click.option(
     "--attention",
     type=click.Choice(["varlen", "blockwise", "padded"]),
     default="varlen",

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from packer.trainer import checkpoint, hf
 from packer.trainer.attention import AttentionConfig, max_segments_per_micro_batch, resolve_backend
+from packer.trainer.balance import BalancedPackOrder
 from packer.trainer.batching import IGNORE_INDEX, MicroBatch, PackOrder, collate
 from packer.trainer.context_parallel import cp_groups, shard_micro_batch
 from packer.trainer.model import ModelConfig, build_model, load_model_config
@@ -48,6 +49,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping (grad_norm is still reported)
     grad_accum: int = 1
     context_parallel_size: int = 1  # CP ranks per data-parallel replica (ring attention over documents)
+    balance_attention: bool = False  # data order that balances each step's attention cost over DP ranks
     attention: AttentionChoice = "varlen"
     npu_sparse_mode: int = 4  # 4: band, MindSpeed-LLM's TND call; 3: rightDownCausal (transformers, XTuner)
     device: str = "auto"
@@ -243,6 +245,20 @@ def train(cfg: TrainConfig, dataset=None) -> list[dict]:
             dist.destroy_process_group()
 
 
+def pack_costs(ds, multiple: int = 1) -> np.ndarray:
+    """Attention cost of every pack (packer.balance.pack_attention_costs), from the index alone where the data
+    is a PackedDataset, documents padded as the micro-batches lay them out."""
+    from packer.balance import pack_attention_costs
+
+    tokens = getattr(ds, "tokens", None)
+    if tokens is not None and hasattr(tokens, "document_indices"):
+        return pack_attention_costs(tokens.sequence_lengths, tokens.document_indices, multiple)
+    lens = [np.asarray(ds[i].doc_lens, dtype=np.int64) for i in range(len(ds))]
+    doc_index = np.concatenate([[0], np.cumsum([len(x) for x in lens])])
+    flat = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+    return pack_attention_costs(flat, doc_index, multiple)
+
+
 def check_context_parallel(ds, cp_size: int, seq_length: int) -> int:
     """The document padding multiple the micro-batches are laid out with (1 = none), after checking that the
     data was built for this context-parallel size (`packer build --cp-size N`, recorded in its manifest)."""
@@ -296,7 +312,11 @@ def _train(cfg: TrainConfig, ds, ddp: Dist, device: torch.device) -> list[dict]:
         hf.check_save_dir(cfg.save_hf)  # now, not after the run
     model = build_model(cfg.model, model_cfg).to(device)
     optimizer = configure_optimizer(model, cfg, fused=device.type == "cuda")
-    order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, dp_rank, dp_size)
+    if cfg.balance_attention:
+        costs = pack_costs(ds, pad_multiple)
+        order = BalancedPackOrder(costs, cfg.micro_batch_size, cfg.grad_accum, cfg.seed, dp_rank, dp_size)
+    else:
+        order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed, dp_rank, dp_size)
     run_args = {
         **_primitive(dataclasses.asdict(cfg)),
         "seq_length": seq_length,  # resolved, so a resume compares values, not how they were given
@@ -454,10 +474,10 @@ _RESUME_MUST_MATCH = (
     *_SCHEDULE_ARGS,
     *("weight_decay", "grad_clip", "betas", "eps"),
     *("dtype", "loss_average", "attention", "seq_length", "model_config"),
-    *("micro_batch_size", "grad_accum", "world_size", "context_parallel_size", "seed"),
+    *("micro_batch_size", "grad_accum", "world_size", "context_parallel_size", "balance_attention", "seed"),
 )
 # What checkpoints written before these were recorded used.
-_SAVED_DEFAULTS = {"betas": [0.9, 0.95], "eps": 1e-8, "context_parallel_size": 1}
+_SAVED_DEFAULTS = {"betas": [0.9, 0.95], "eps": 1e-8, "context_parallel_size": 1, "balance_attention": False}
 
 
 def _resume_mismatch(key: str, was, now, saved: dict) -> str:
@@ -472,7 +492,7 @@ def _resume_mismatch(key: str, was, now, saved: dict) -> str:
     if key in ("betas", "eps"):
         return f"AdamW {key}: {was} -> {now} (fixed in the trainer; resume with the version that saved it)"
     flag = "--" + key.replace("_", "-")
-    fix = f"pass {flag} {was}"
+    fix = (f"pass {flag}" if was else f"leave out {flag}") if isinstance(was, bool) else f"pass {flag} {was}"
     if key in _SCHEDULE_ARGS:
         fix += ", or --new-schedule to follow this run's lr schedule from here on"
     return f"{flag}: {was} -> {now} ({fix})"

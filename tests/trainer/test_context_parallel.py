@@ -388,3 +388,32 @@ def test_launch_with_another_cp_size_stops():
     assert check_context_parallel(ds, 2, 64) == 4 and check_context_parallel(ds, 1, 64) == 4
     with pytest.raises(ValueError, match="cannot run under --context-parallel-size"):
         TrainConfig(data="x", attention="padded", context_parallel_size=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --balance-attention
+
+
+def test_pack_costs_from_the_index_equal_the_loop(alpaca_prefix):
+    from packer.dataset import PackedDataset
+    from packer.trainer.train import pack_costs
+
+    ds = PackedDataset(alpaca_prefix)
+    for m in (1, 4):
+        want = [int((-(-ds.doc_lens(i).astype(np.int64) // m) * m).__pow__(2).sum()) for i in range(len(ds))]
+        assert pack_costs(ds, m).tolist() == want
+        packs = FakePackedDataset()
+        loop = [int((-(-np.asarray(p.doc_lens, np.int64) // m) * m).__pow__(2).sum()) for p in packs.packs]
+        assert pack_costs(packs, m).tolist() == loop
+
+
+def test_balance_attention_trains_and_is_part_of_what_a_resume_must_match(tmp_path):
+    from packer.trainer.checkpoint import CheckpointError
+
+    ds = FakeCPDataset(n_packs=8, seq_length=64, cp_size=2)
+    ds.cp_size = 1
+    cfg = dict(data="unused", device="cpu", progress=False, steps=2, balance_attention=True, micro_batch_size=2)
+    logs = train(TrainConfig(**cfg, save=str(tmp_path / "ck")), dataset=ds)
+    assert len(logs) == 2 and all(np.isfinite(r["loss"]) for r in logs)
+    with pytest.raises((ValueError, CheckpointError), match="balance"):
+        train(TrainConfig(**{**cfg, "steps": 3, "balance_attention": False}, resume=str(tmp_path / "ck")), dataset=ds)

@@ -9,6 +9,8 @@ Each foreign flag becomes packer's own before the build starts, so a build under
                                                     (PROMPT_TYPES; --chat-template chatml for --handler messages)
     --map-keys '{"prompt": "q", "response": "a"}'   --map-keys '{"instruction": "q", "output": "a"}'  (alpaca)
     --append-eod                                    nothing: every sample already ends with one EOD
+    --context-parallel-size N                       --cp-size N      (the trainers' own spellings, taken as
+    --tensor-model-parallel-size M                  --tp-size M       click aliases: packer/cli.py)
 
 The other `preprocess_data.py` flags are refused with what to do instead (REFUSED), not click's bare "no such
 option". Names from MindSpeed-LLM c77308a1 (mindspeed_llm/tasks/preprocess/data_handler.py, templates.json).

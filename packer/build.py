@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from packer import __version__
+from packer import __version__, cp
 from packer.config import BuildConfig, BuildError
 from packer.encode import Counters, RecordEncoder
 from packer.manifest import FORMAT, LOSS_MASK_SUFFIX
@@ -81,7 +81,8 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
           encoded_chunks(config, batches, main) as chunks,
           tqdm(total=total, unit="rec", desc="tokenize", disable=not progress, dynamic_ncols=True,
                smoothing=0.1) as bar):
-        writer = PackWriter(out.dataset("", main.dtype), out.dataset(LOSS_MASK_SUFFIX, "uint8"), main.info.eod_id)
+        writer = PackWriter(out.dataset("", main.dtype), out.dataset(LOSS_MASK_SUFFIX, "uint8"), main.info.eod_id,
+                            config.pad_multiple)
 
         def encoded():
             for chunk in chunks:
@@ -106,7 +107,8 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
                 seconds["tokenize"] = time.perf_counter() - t0
                 lengths = spill.seal()
                 t = time.perf_counter()
-                plan = pack(lengths, config.seq_length, config.pack)
+                # A CP build packs the padded lengths (<= seq_length: seq_length is a multiple of the padding).
+                plan = pack(cp.padded_lengths(lengths, config.pad_multiple), config.seq_length, config.pack)
                 seconds["pack"] = time.perf_counter() - t
                 t = time.perf_counter()
                 write_global(plan, lengths, spill, writer, progress)
@@ -149,6 +151,8 @@ def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, writer: 
               seconds: dict[str, float], files: dict[str, dict]) -> dict[str, Any]:
     stats = writer.stats
     cfg = asdict(config)
+    if not config.context_parallel:  # a plain build's manifest stays what it was before these options existed
+        del cfg["cp_size"], cfg["tp_size"]
     cfg["inputs"] = [str(Path(p).resolve()) if Path(p).exists() else p for p in config.inputs]
     cfg["overflow_effective"] = encoder.overflow
     cfg["output_prefix"] = config.prefix
@@ -158,7 +162,7 @@ def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, writer: 
         cfg["chat_template_origin"] = encoder.chat.origin
         cfg["chat_template_sha256"] = hashlib.sha256(encoder.chat.source.encode("utf-8")).hexdigest()
         cfg["chat_template_note"] = encoder.chat_note
-    return {
+    manifest = {
         "format": FORMAT,
         "packer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -169,6 +173,10 @@ def _manifest(config: BuildConfig, encoder: RecordEncoder, c: Counters, writer: 
         "packing": stats.manifest(config.packing_name, config.seq_length),
         "eod": eod_summary(encoder, c),
         "eod_scan": {"agrees": writer.eod_agree, "packs": stats.packs},
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "files": files,
     }
+    if config.context_parallel:
+        pad_id = encoder.info.pad_id if encoder.info.pad_id is not None else encoder.info.eod_id
+        manifest["context_parallel"] = cp.section(config.cp_size, config.tp_size, pad_id, stats.tokens,
+                                                  writer.padded_tokens, writer.max_padded_pack)
+    manifest["attention_cost"] = cp.attention_summary(writer.attention_costs, config.pad_multiple)
+    return manifest | {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "files": files}

@@ -220,6 +220,15 @@ def _tune_malloc() -> None:
 @click.option("--tokenizer-backend", type=click.Choice(TOKENIZER_BACKENDS), default="auto", show_default=True,
               help="auto: tiktoken where it is proven to give this tokenizer's exact ids (byte-level BPE: GPT-2, "
                    "Llama-3, Qwen, ...), else tokenizers; the output is byte-identical either way.")
+@click.option("--cp-size", "--context-parallel-size", "cp_size", type=click.IntRange(min=1), default=1,
+              show_default=True,
+              help="Context parallelism the data is for: every sample is packed as if padded to a multiple of "
+                   "CP x lcm(2, TP) (MindSpeed, TransformerEngine THD); the stored samples stay unpadded and the "
+                   "manifest records the multiple (docs/context-parallel.md).")
+@click.option("--tp-size", "--tensor-model-parallel-size", "tp_size", type=click.IntRange(min=1), default=1,
+              show_default=True,
+              help="Tensor parallelism of the trainer: part of MindSpeed's padding multiple at CP > 1; "
+                   "--seq-length must be a multiple of it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--json-summary", is_flag=True, help="Print the summary as JSON.")
 @megatron_flags
@@ -228,7 +237,7 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
           chat_template, chat_template_kwargs, system,
           train_on_prompt, last_turn_only, overflow, pack_algorithm, on_error, empty_response, workers, streaming, hf_dataset,
           hf_config, split, hf_datasets_params, pack_window, num_shards, shard_index, batch_size, tokenizer_backend,
-          quiet, json_summary) -> None:
+          cp_size, tp_size, quiet, json_summary) -> None:
     """Tokenize, pack and write PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json."""
     from packer.build import build as run_build
     from packer.config import BuildConfig, BuildError, parse_window
@@ -274,6 +283,8 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         num_shards=num_shards,
         shard_index=shard_index,
         tokenizer_backend=tokenizer_backend,
+        cp_size=cp_size,
+        tp_size=tp_size,
     )
     if num_shards > 1:
         click.echo(f"building shard {shard_index} of {num_shards} ({shard_source})", err=True)
@@ -287,7 +298,8 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
     except (BuildError, InputError, TokenizerError) as e:
         raise click.ClickException(str(e)) from e
     if json_summary:
-        click.echo(json.dumps({k: result.manifest[k] for k in ("counts", "packing", "seconds")}, indent=2))
+        keys = ("counts", "packing", "context_parallel", "attention_cost", "seconds")
+        click.echo(json.dumps({k: result.manifest[k] for k in keys if k in result.manifest}, indent=2))
         return
     c = result.counters
     m = result.manifest
@@ -312,6 +324,7 @@ def build(handler, inputs, tokenizer, seq_length, output_prefix, eod_token, map_
         f"  {result.seconds['total']:.1f}s ({c.tokens / max(result.seconds['tokenize'], 1e-9):,.0f} tokens/s "
         "tokenizing)"
         + (f"\n  skipped records written to {result.prefix}.rejects.jsonl" if c.skipped else "")
+        + (f"\n{_cp_line(m['context_parallel'])}" if "context_parallel" in m else "")
     )
     if m["config"]["tokenizer_backend_note"]:
         click.echo(f"note: {m['config']['tokenizer_backend_note']}; tokenized with tokenizers", err=True)
@@ -425,6 +438,15 @@ def verify(prefix: str, no_checksums: bool) -> None:
         return
     click.echo(f"OK {prefix}: {s['packs']:,} packs, {s['samples']:,} samples, {s['tokens']:,} tokens; EOD scan "
                f"agrees with the index on {s['eod_scan']['agrees']:,}/{s['eod_scan']['packs']:,} packs")
+    if "context_parallel" in s:
+        click.echo(_cp_line(s["context_parallel"]))
+
+
+def _cp_line(c: dict) -> str:
+    """One line for a --cp-size/--tp-size build (verify, inspect, build)."""
+    grown = c["padded_tokens"] / c["real_tokens"] - 1 if c.get("real_tokens") else 0.0
+    return (f"  context parallel: CP {c['cp_size']}, TP {c['tp_size']}: samples padded to multiples of "
+            f"{c['multiple']} ({c['padded_tokens']:,} padded tokens, +{grown:.2%}); every padded pack fits")
 
 
 @main.command()
@@ -498,6 +520,8 @@ def inspect(prefix: str, as_json: bool, pack: int | None, html_out: str | None, 
     click.echo(f"  truncated {c['truncated']:,}  split {c['split']:,}  dropped {c['dropped']:,}  "
                f"dropped without target {c['dropped_no_target']:,}")
     click.echo(f"  packs {stats['packs']:,}  lower bound {stats['lower_bound']:,}  efficiency {stats['efficiency']:.2%}")
+    if ds.context_parallel is not None:
+        click.echo(_cp_line(ds.context_parallel))
     for title, x in (("sample length", lens), ("tokens per pack", pack_tokens), ("samples per pack", np.diff(docs))):
         summary = "  ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in stats[_key(title)].items())
         click.echo(f"\n{title}: {summary}")

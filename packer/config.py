@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from packer.cp import CPError, check_seq_length, pad_multiple
 from packer.overflow import POLICIES
 from packer.packing import ALGORITHMS
 
@@ -49,6 +50,8 @@ class BuildConfig:
     tokenizer_backend: str = "auto"  # auto: tiktoken where it is proven exact for the tokenizer, else tokenizers
     chat_template: str | None = None  # None: the tokenizer's own for `messages`, none for the other handlers
     chat_template_kwargs: str = ""  # JSON object of extra template variables, e.g. {"enable_thinking": false}
+    cp_size: int = 1  # context parallelism the data is for: samples packed by padded length (packer/cp.py)
+    tp_size: int = 1  # tensor parallelism: part of MindSpeed's padding multiple at CP > 1
 
     def template_variables(self) -> dict:
         if not self.chat_template_kwargs:
@@ -80,6 +83,10 @@ class BuildConfig:
                              "(--template: packer's built-in formats; --chat-template: a model's Jinja template)")
         if self.chat_template_kwargs:
             self.template_variables()
+        try:
+            check_seq_length(self.seq_length, self.cp_size, self.tp_size)
+        except CPError as e:
+            raise BuildError(str(e)) from e
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
         if self.batch_size < 1:
@@ -106,6 +113,15 @@ class BuildConfig:
     def prefix(self) -> str:
         """Where this build writes: the output prefix, with the shard suffix for one shard of several."""
         return output_prefix_for_shard(self.output_prefix, self.num_shards, self.shard_index)
+
+    @property
+    def context_parallel(self) -> bool:
+        """Built for a CP/TP layout: the manifest gets a `context_parallel` section (and the config these sizes)."""
+        return self.cp_size > 1 or self.tp_size > 1
+
+    @property
+    def pad_multiple(self) -> int:
+        return pad_multiple(self.cp_size, self.tp_size)
 
     @property
     def packing_name(self) -> str:

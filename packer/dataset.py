@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from packer import cp
 from packer.boundaries import actual_seq_len, cu_seqlens, cumulative_ends
 from packer.indexed import IndexedDataset, token_dtype
 from packer.manifest import (
@@ -51,6 +52,7 @@ class PackedDataset:
         pack = ds[0]                      # Pack(ids (T,), loss_mask (T,), doc_lens (n,))
         ds.actual_seq_len(0)              # [len0, len0+len1, ...] for npu_fusion_attention
         ds.cu_seqlens(0)                  # int32 [0, len0, ...] for flash-attn varlen
+        ds.padded_doc_lens(0)             # int32 each sample padded for context parallelism (cp_size > 1)
 
     Opening validates the build in O(index) time without reading the payload: the manifest's schema, both
     indexes (`IndexedDataset`), file sizes against the manifest, and the index against the manifest
@@ -76,6 +78,12 @@ class PackedDataset:
         self.pad_id: int = self.eod_id if pad is None else pad
         self.bos_id: int | None = fields.get("tokenizer.bos_id")
         self.vocab_size: int = fields["tokenizer.vocab_size"]
+        # A --cp-size/--tp-size build (packer/cp.py): the section as written, None for a plain build.
+        section = self.manifest.get("context_parallel")
+        self.context_parallel: dict[str, Any] | None = section if isinstance(section, dict) else None
+        self.cp_size: int = fields.get("context_parallel.cp_size", 1)
+        self.tp_size: int = fields.get("context_parallel.tp_size", 1)
+        self.pad_multiple: int = fields.get("context_parallel.multiple", 1)
 
     def __len__(self) -> int:
         return self.tokens.num_documents
@@ -83,6 +91,11 @@ class PackedDataset:
     def doc_lens(self, i: int) -> np.ndarray:
         s0, s1 = self.tokens.document_sequences(i)
         return self.tokens.sequence_lengths[s0:s1]
+
+    def padded_doc_lens(self, i: int) -> np.ndarray:
+        """(n,) int32: pack i's sample lengths, each rounded up to a multiple of `pad_multiple` (the real ones for
+        a plain build). The padding follows each sample and is never a target: doc_lens [5, 3] at CP 2 -> [8, 4]."""
+        return cp.padded_lengths(self.doc_lens(i), self.pad_multiple).astype(np.int32)
 
     def __getitem__(self, i: int) -> Pack:
         if not -len(self) <= i < len(self):
@@ -238,8 +251,11 @@ def structure_problems(prefix: str, fields: dict[str, Any], tok: IndexedDataset,
         if not math.isclose(fields["packing.efficiency"], eff, rel_tol=1e-9, abs_tol=1e-12):
             problems.append(f"{where}: packing.efficiency = {fields['packing.efficiency']}, but the index has "
                             f"{tokens} tokens in {packs} packs of {seq_length}: {eff}")
-    for key in ("eod_id", "bos_id", "pad_id"):
-        value = fields.get(f"tokenizer.{key}")
+    for key in ("eod_id", "bos_id", "pad_id", "context_parallel.pad_id"):
+        value = fields.get(key if "." in key else f"tokenizer.{key}")
         if vocab is not None and value is not None and value >= vocab:
-            problems.append(f"{where}: tokenizer.{key} = {value} is outside the vocabulary of {vocab} ids")
+            problems.append(f"{where}: {key if '.' in key else 'tokenizer.' + key} = {value} is outside the "
+                            f"vocabulary of {vocab} ids")
+    # Context parallelism and the attention cost: padded packs fit, figures are the index's (packer/cp.py).
+    problems += cp.index_problems(str(where), fields, tok.sequence_lengths, tok.document_indices)
     return problems

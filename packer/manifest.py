@@ -65,10 +65,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_entries(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+def file_entries(files: dict[str, Path], known: dict[Path, str] | None = None) -> dict[str, dict[str, Any]]:
     """The manifest's `files` section: size and sha256 of each data file, keyed by its final name
-    (`files` maps that name to where the bytes are now, e.g. a temporary file not yet renamed)."""
-    return {name: {"bytes": Path(p).stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()}
+    (`files` maps that name to where the bytes are now, e.g. a temporary file not yet renamed). `known`: the
+    sha256 of files hashed as they were written (IndexedDatasetWriter.sha256); the others are read."""
+    known = known or {}
+    return {name: {"bytes": Path(p).stat().st_size, "sha256": known.get(Path(p)) or sha256_file(p)}
+            for name, p in files.items()}
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -120,7 +123,7 @@ def read_manifest(prefix: str | os.PathLike) -> dict[str, Any]:
 # Section -> required. Fields: dotted path -> (kind, required when its section is present). Sections and
 # fields not named here are not checked (older builds and hand-written manifests lack some; newer add some).
 SECTIONS = {"config": True, "tokenizer": True, "counts": True, "packing": True, "files": True, "eod": False,
-             "eod_scan": False, "seconds": False}
+             "eod_scan": False, "seconds": False, "context_parallel": False, "attention_cost": False}
 FIELDS: dict[str, tuple[str, bool]] = {
     "packer_version": ("str", False),
     "created": ("time", False),
@@ -132,6 +135,8 @@ FIELDS: dict[str, tuple[str, bool]] = {
     "config.pack": ("str", False),
     "config.streaming": ("bool", False),
     "config.eod_token": ("str?", False),
+    "config.cp_size": ("positive", False),
+    "config.tp_size": ("positive", False),
     "tokenizer.path": ("str", False),
     "tokenizer.sha256": ("str", False),
     "tokenizer.vocab_size": ("positive", True),
@@ -162,12 +167,27 @@ FIELDS: dict[str, tuple[str, bool]] = {
     "packing.max_pack_tokens": ("count", False),
     "packing.min_pack_tokens": ("count", False),
     "packing.max_docs_per_pack": ("count", False),
+    # Only in builds made with --cp-size/--tp-size (packer/cp.py): what every reader needs to pad the samples.
+    "context_parallel.cp_size": ("positive", True),
+    "context_parallel.tp_size": ("positive", True),
+    "context_parallel.multiple": ("positive", True),
+    "context_parallel.rule": ("str", False),
+    "context_parallel.pad_id": ("count", False),
+    "context_parallel.real_tokens": ("count", True),
+    "context_parallel.padded_tokens": ("count", True),
+    "context_parallel.max_padded_pack_tokens": ("count", False),
+    "attention_cost.multiple": ("positive", True),
+    "attention_cost.total": ("count", True),
+    "attention_cost.max": ("count", True),
+    "attention_cost.mean": ("number", False),
+    "attention_cost.p50": ("number", False),
+    "attention_cost.p99": ("number", False),
 }
 _OPEN_SECTIONS = {"counts": "count", "seconds": "seconds"}  # every entry of these has this kind
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _WHAT = {"count": "an integer >= 0", "positive": "an integer >= 1", "count?": "null or an integer >= 0",
          "str": "a string", "str?": "null or a string", "bool": "true or false", "policy": f"one of {POLICIES}",
-         "time": "an ISO 8601 time", "fraction": "a number in [0, 1]", "seconds": "a number >= 0",
+         "time": "an ISO 8601 time", "fraction": "a number in [0, 1]", "seconds": "a number >= 0", "number": "a number >= 0",
          "sha256": "64 hex digits", "object": "an object", "list": "an array"}
 
 
@@ -188,7 +208,7 @@ def _valid(kind: str, v: Any) -> bool:
         return v in POLICIES
     if kind == "fraction":
         return is_num and 0 <= v <= 1
-    if kind == "seconds":
+    if kind in ("seconds", "number"):
         return is_num and v >= 0
     if kind == "sha256":
         return isinstance(v, str) and _HEX64.fullmatch(v) is not None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from packer import __version__
+from packer import __version__, cp
 from packer.indexed import IndexedDataset, IndexedDatasetWriter
 from packer.manifest import (
     FORMAT,
@@ -76,6 +76,10 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
             if get(m) != get(first):
                 raise MergeError(f"{p}: {what} {get(m)!r} differs from {in_prefixes[0]}'s {get(first)!r}; "
                                  "only builds with the same tokenizer and seq_length can be merged")
+        if _cp_sizes(m) != _cp_sizes(first):
+            raise MergeError(f"{p}: built for {_cp_text(m)}, {in_prefixes[0]} for {_cp_text(first)}: its packs fit "
+                             "only the padding they were built for; rebuild the inputs with the same --cp-size and "
+                             "--tp-size")
     shards = [(m["config"].get("num_shards", 1), m["config"].get("shard_index", 0)) for m in manifests]
     counts_k = {k for k, _ in shards if k > 1}
     if counts_k and not allow_partial:
@@ -86,8 +90,10 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
             raise MergeError(f"the inputs are shards of a {k}-shard build but shards {missing[:10]} are missing "
                              f"(or shard counts differ: {sorted(counts_k)}); pass --allow-partial to merge anyway")
     dtype = np.dtype(first["token_dtype"])
+    multiple = cp.pad_multiple(*_cp_sizes(first)) if _cp_sizes(first) else 1
     counts: dict[str, int] = {}
     stats = PackStats()
+    costs: list[np.ndarray] = []  # per pack, in output order
     total = sum(m["counts"]["tokens"] for m in manifests)
     try:
         output = OutputSet(out_prefix)
@@ -101,17 +107,19 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
             if tok.dtype != dtype or len(tok) != len(mask):
                 raise MergeError(f"{prefix}: index does not match its manifest; run `packer verify {prefix}`")
             _copy(tok, mask, tok_w, mask_w, stats, bar)
+            costs.append(cp.pack_figures(tok.sequence_lengths, tok.document_indices, multiple)[2])
             for k, v in m["counts"].items():
                 counts[k] = counts.get(k, 0) + int(v)
         # A counter some input lacks (a hand-written or older manifest) would be summed short: leave it out.
         counts = {k: v for k, v in counts.items() if all(k in m["counts"] for m in manifests)}
         agrees = sum(rep.stats["eod_scan"]["agrees"] for rep in reports)  # measured by verify, not claimed
+        padding = _merged_padding(manifests, multiple, np.concatenate(costs))
         return out.commit(lambda files: _merged_manifest(out_prefix, in_prefixes, manifests, counts, stats, agrees,
-                                                         files))
+                                                         files, padding))
 
 
 def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[dict], counts: dict[str, int],
-                     stats: PackStats, agrees: int, files: dict) -> dict:
+                     stats: PackStats, agrees: int, files: dict, padding: dict | None = None) -> dict:
     first = manifests[0]
     algorithm = "merge(" + ",".join(sorted({m["packing"]["algorithm"] for m in manifests})) + ")"
     config = {k: v for k, v in first["config"].items() if k not in ("num_shards", "shard_index")}
@@ -128,12 +136,39 @@ def _merged_manifest(out_prefix: str, in_prefixes: list[str], manifests: list[di
         "packing": stats.manifest(algorithm, first["config"]["seq_length"]),
         "eod": _merged_eod(manifests, counts.get("interior_eod", 0)),
         "eod_scan": {"agrees": agrees, "packs": stats.packs},
+        **(padding or {}),
         "seconds": {},
         "files": files,
     }
     if merged["eod"] is None:  # hand-written inputs without the section
         del merged["eod"]
     return merged
+
+
+def _cp_sizes(manifest: dict) -> tuple[int, int] | None:
+    """(CP, TP) of a build made with --cp-size/--tp-size, None for a plain build."""
+    section = manifest.get("context_parallel")
+    return (int(section["cp_size"]), int(section["tp_size"])) if isinstance(section, dict) else None
+
+
+def _cp_text(manifest: dict) -> str:
+    sizes = _cp_sizes(manifest)
+    return "no context parallelism" if sizes is None else f"--cp-size {sizes[0]} --tp-size {sizes[1]}"
+
+
+def _merged_padding(manifests: list[dict], multiple: int, costs: np.ndarray) -> dict:
+    """The merged `context_parallel` section (token counts summed, the fullest padded pack) and `attention_cost`
+    (from the copied packs' costs); a plain build has no `context_parallel` section."""
+    out: dict = {}
+    first = manifests[0].get("context_parallel")
+    if isinstance(first, dict):
+        sections = [m["context_parallel"] for m in manifests]
+        out["context_parallel"] = first | {
+            "real_tokens": sum(int(s["real_tokens"]) for s in sections),
+            "padded_tokens": sum(int(s["padded_tokens"]) for s in sections),
+            "max_padded_pack_tokens": max(int(s.get("max_padded_pack_tokens", 0)) for s in sections)}
+    out["attention_cost"] = cp.attention_summary(costs, multiple)
+    return out
 
 
 def _merged_eod(manifests: list[dict], interior: int) -> dict | None:

@@ -9,6 +9,8 @@ verify runs every check and lists every failure (a failed checksum does not hide
                `PackedDataset` makes on open
     counts     the manifest's counters against each other and the data: records = samples written + skipped +
                dropped, what each --overflow policy may leave, the rejects file's lines
+    cp         a --cp-size/--tp-size build: the multiple is the rule's, seq_length a multiple of it, every pack's
+               padded samples fit in seq_length, padded tokens and attention costs are the index's (packer/cp.py)
     contents   one streamed pass over tokens and mask: EOD ends every sample but the split chunks, ids in the
                vocabulary, mask 0/1, target tokens, EOD ids inside samples, the EOD-scan agreement
     tokenizer  when the tokenizer file is at hand: its sha256, and every id and name the build took from it
@@ -101,6 +103,9 @@ def _verify(rep: Report, prefix: str, manifest: dict, checksums: bool) -> None:
         return
     tok, mask = indexes
     rep.errors += structure_problems(prefix, fields, tok, mask)
+    if "context_parallel.multiple" in fields:
+        rep.stats["context_parallel"] = {k: fields.get(f"context_parallel.{k}") for k in
+                                         ("cp_size", "tp_size", "multiple", "real_tokens", "padded_tokens")}
     rep.errors += _count_problems(prefix, fields, tok)
     lens = tok.sequence_lengths
     same_layout = (mask.dtype.itemsize == 1 and np.array_equal(lens, mask.sequence_lengths)
@@ -131,6 +136,11 @@ def _manifest_relations(prefix: str, fields: dict[str, Any]) -> list[str]:
     shards, shard = fields.get("config.num_shards"), fields.get("config.shard_index")
     if shards is not None and shard is not None and shard >= shards:
         problems.append(f"{where}: config.shard_index = {shard}, but config.num_shards = {shards}")
+    for key in ("cp_size", "tp_size"):  # the build's options (where recorded) against the section readers pad by
+        option, recorded = fields.get(f"config.{key}"), fields.get(f"context_parallel.{key}", 1)
+        if option is not None and option != recorded:
+            problems.append(f"{where}: config.{key} = {option}, but context_parallel.{key} = {recorded}"
+                            + ("" if "context_parallel.multiple" in fields else " (the section is missing)"))
     algorithm = fields.get("packing.algorithm")
     if algorithm is not None:
         if "merged_from" in fields:

@@ -3,7 +3,9 @@
     global     spill (arrival order) -> gather in PackPlan order, a group of packs at a time -> PackWriter
     streaming  chunks -> WindowWriter: samples wait in a bounded window until their pack is final -> PackWriter
 
-A pack is one Megatron *document*, each of its samples one *sequence* (docs/format.md).
+A pack is one Megatron *document*, each of its samples one *sequence* (docs/format.md). A context-parallel build
+(`multiple` > 1, packer/cp.py) packs by padded sample lengths and writes the real samples: the same bytes a plain
+build would write for the same packs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from packer.boundaries import eod_scan_agrees
+from packer.balance import pack_attention_costs
+from packer.boundaries import eod_scan_agrees, pack_tokens
+from packer.cp import padded_lengths
 from packer.indexed import IndexedDatasetWriter
 from packer.packing import PackPlan, PackStats
 from packer.spill import SampleSpill
@@ -19,15 +23,20 @@ from packer.window import Packs, WindowPacker
 
 
 class PackWriter:
-    """Appends whole packs to the token and loss-mask datasets and keeps their PackStats, and how many packs an
-    EOD scan reads exactly as the index does (`eod_scan_agrees`)."""
+    """Appends whole packs to the token and loss-mask datasets and keeps their PackStats, how many packs an
+    EOD scan reads exactly as the index does (`eod_scan_agrees`), and, with samples padded to `multiple`, the
+    padded tokens and every pack's attention cost (8 bytes a pack)."""
 
-    def __init__(self, tokens: IndexedDatasetWriter, mask: IndexedDatasetWriter, eod_id: int):
+    def __init__(self, tokens: IndexedDatasetWriter, mask: IndexedDatasetWriter, eod_id: int, multiple: int = 1):
         self.tokens, self.mask = tokens, mask
         self.dtype = tokens.dtype
         self.eod_id = eod_id
+        self.multiple = multiple
         self.stats = PackStats()
         self.eod_agree = 0
+        self.padded_tokens = 0
+        self.max_padded_pack = 0
+        self._costs: list[np.ndarray] = []
 
     def add(self, ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray, samples_per_pack: np.ndarray) -> None:
         """Packs of samples: their ids and masks concatenated in pack order, each sample's length, and how many
@@ -38,6 +47,17 @@ class PackWriter:
         self.mask.end_documents(samples_per_pack)
         self.stats.add(seq_lens, samples_per_pack)
         self.eod_agree += int(eod_scan_agrees(ids, seq_lens, samples_per_pack, self.eod_id).sum())
+        padded = padded_lengths(seq_lens, self.multiple)
+        docs = np.concatenate([[0], np.cumsum(samples_per_pack)])
+        per_pack = pack_tokens(padded, docs)
+        self.padded_tokens += int(padded.sum())
+        self.max_padded_pack = max(self.max_padded_pack, int(per_pack.max(initial=0)))
+        self._costs.append(pack_attention_costs(padded, docs))
+
+    @property
+    def attention_costs(self) -> np.ndarray:
+        """(packs,) int64: every written pack's sum of squared padded sample lengths, in pack order."""
+        return np.concatenate(self._costs) if self._costs else np.zeros(0, np.int64)
 
 
 def token_positions(starts: np.ndarray, lengths: np.ndarray, extent: int) -> np.ndarray:
@@ -96,6 +116,7 @@ class WindowWriter:
 
     def __init__(self, out: PackWriter, seq_length: int, window: int, by_tokens: bool):
         self.out = out
+        self.multiple = out.multiple  # the packer sees padded lengths, the buffers hold the real samples
         self.packer = WindowPacker(seq_length, window, by_tokens=by_tokens)
         self._ids: list[np.ndarray] = []  # buffers: a compacted one, then the chunks since
         self._mask: list[np.ndarray] = []
@@ -120,7 +141,7 @@ class WindowWriter:
         self._lens = np.concatenate([self._lens, lengths])
         self._held += int(lengths.sum())
         self._next_key += n
-        self._write(self.packer.extend(keys, lengths))
+        self._write(self.packer.extend(keys, padded_lengths(lengths, self.multiple)))
 
     def flush(self) -> None:
         self._write(self.packer.flush())

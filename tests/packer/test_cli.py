@@ -131,8 +131,9 @@ FOREIGN_FLAGS = {
     "--nproc-per-node": "torchrun's, in the resume hint that says how many ranks to start",
     # Megatron-LM / MindSpeed-LLM training flags, quoted where we say how to train on an export
     **dict.fromkeys(("--neat-pack", "--no-pad-to-seq-lengths", "--reset-position-ids", "--reset-attention-mask",
-                     "--data-path", "--eod-mask-loss", "--context-parallel-size", "--dataloader-fast-cache-load",
-                     "--dataloader-defer-npy-index-mmap"), "a Megatron-LM / MindSpeed-LLM flag"),
+                     "--data-path", "--eod-mask-loss", "--dataloader-fast-cache-load",
+                     "--dataloader-defer-npy-index-mmap", "--context-parallel-algo", "--attention-mask-type",
+                     "--hybrid-context-parallel", "--sequence-parallel"), "a Megatron-LM / MindSpeed-LLM flag"),
     # preprocess_data.py flags `packer build` refuses with what to do instead; the ones it takes
     # (--tokenizer-name-or-path, --handler-name, --prompt-type, --append-eod, --json-keys a b) are options
     **dict.fromkeys(REFUSED, "a Megatron-LM / MindSpeed-LLM preprocess_data.py flag, refused with a hint"),

@@ -29,6 +29,22 @@ target (it belongs to its document), and padding never is. `attention_mask` (onl
 `config.create_attention_mask`) is GPTDataset's convention: (1, S, S) bool, True = masked out, here
 block-diagonal causal over the same segments as cu_seqlens.
 
+Context parallelism: on a `packer build --cp-size N` build (docs/context-parallel.md) every sample is served
+padded to its multiple m (the manifest's context_parallel.multiple) with the pad id, as Megatron-LM's own SFT
+dataset and TransformerEngine's THD split lay it out: the pad tokens follow their sample, continue its positions
+and are never a target. The same pack at m = 4, S = 12:
+
+    t                 0   1   2   3   4   5   6   7   8   9  10  11
+    tokens            a0  a1  E   p   b0  E   p   p   p   p   p   p
+    labels            a1  E   p   p   E   p   p   p   p   p   p   p
+    loss_mask         1   1   0   0   1   0   0   0   0   0   0   0
+    position_ids      0   1   2   3   0   1   2   3   0   1   2   3
+    cu_seqlens        [0, 3, 5, 5]          real tokens per segment (TE's cu_seqlens_q); the tail holds none
+    cu_seqlens_padded [0, 4, 8, 12]         physical offsets, each segment a multiple of m (cu_seqlens_q_padded)
+    max_seqlen        4                     the longest padded segment
+
+and the dataset refuses a config whose context_parallel_size is not the build's (a plain build has CP 1).
+
 Samples and epochs: the builder's split hands each split a range of pack indices; one epoch is every pack of
 the range once, in the order of `numpy.random.RandomState(config.random_seed)` permutations, one fresh
 permutation per epoch, as many epochs as `num_samples` needs (None: one). Epoch e's order does not depend on
@@ -54,6 +70,7 @@ except ImportError as e:  # this module is only for megatron-core users; the res
     raise ImportError(f"packer.megatron needs megatron-core ({e}): pip install megatron-core") from e
 
 from packer.boundaries import cu_seqlens, pack_tokens
+from packer.cp import pad_multiple, padded_lengths
 from packer.manifest import loss_mask_prefix, read_manifest
 
 
@@ -64,9 +81,9 @@ def check_config(config: BlendedMegatronDatasetConfig) -> None:
     if getattr(config, "eod_mask_loss", False):
         raise ValueError("eod_mask_loss is not supported: packer's loss mask decides the targets, and the EOD "
                          "that ends each sample is one; drop --eod-mask-loss")
-    if (getattr(config, "context_parallel_size", None) or 1) > 1 or getattr(config, "hybrid_context_parallel", False):
-        raise ValueError("context parallelism is not supported: THD context parallelism needs every document "
-                         "padded to a multiple of 2 x CP (cu_seqlens_padded); use --context-parallel-size 1")
+    if getattr(config, "hybrid_context_parallel", False):
+        raise ValueError("hybrid context parallelism is not supported: it regroups samples into its own CP groups "
+                         "at run time, and a pack is one sample here; drop --hybrid-context-parallel")
     if config.fast_cache_load or config.defer_npy_index_mmap:
         raise ValueError("fast_cache_load / defer_npy_index_mmap load GPTDataset's cached index files, which this "
                          "dataset does not use; drop --dataloader-fast-cache-load / --dataloader-defer-npy-index-mmap")
@@ -101,6 +118,8 @@ class PackerBuild:
     eod_id: int
     pad_id: int
     seq_length: int  # the build's --seq-length
+    cp_size: int = 1  # the build's --cp-size: samples are served padded to `multiple`
+    multiple: int = 1
 
     def __len__(self) -> int:
         return len(self.pack_lens)
@@ -126,30 +145,44 @@ def open_build(prefix: str, mmap: bool = True) -> PackerBuild:
         raise ValueError(f"{prefix}: token and loss-mask indexes disagree; run `packer verify {prefix}`")
     t = manifest["tokenizer"]
     eod = int(t["eod_id"])
+    section = manifest.get("context_parallel") or {}
+    cp, tp = int(section.get("cp_size", 1)), int(section.get("tp_size", 1))
+    multiple = int(section.get("multiple", 1))
+    if multiple != pad_multiple(cp, tp):
+        raise ValueError(f"{prefix}: context_parallel.multiple is {multiple}, not CP {cp} x lcm(2, TP {tp}); run "
+                         f"`packer verify {prefix}`")
+    # A CP build's packs are served padded: their padded lengths are what must fit sequence_length.
     return PackerBuild(prefix=prefix, tokens=tok, loss_mask=mask,
-                       pack_lens=pack_tokens(tok.sequence_lengths, tok.document_indices), eod_id=eod,
-                       pad_id=int(t["pad_id"]) if t.get("pad_id") is not None else eod,
-                       seq_length=int(manifest["config"]["seq_length"]))
+                       pack_lens=pack_tokens(padded_lengths(tok.sequence_lengths, multiple), tok.document_indices),
+                       eod_id=eod, pad_id=int(t["pad_id"]) if t.get("pad_id") is not None else eod,
+                       seq_length=int(manifest["config"]["seq_length"]), cp_size=cp, multiple=multiple)
 
 
 def pack_item(ids: np.ndarray, mask: np.ndarray, doc_lens: np.ndarray, seq_length: int, pad_id: int,
-              create_attention_mask: bool = False) -> dict[str, torch.Tensor]:
-    """One pack -> the tensors Megatron-LM's get_batch reads, plus cu_seqlens / max_seqlen (module docstring)."""
-    T, S = len(ids), seq_length
+              create_attention_mask: bool = False, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """One pack -> the tensors Megatron-LM's get_batch reads, plus cu_seqlens / max_seqlen (module docstring);
+    `multiple` > 1 (a CP build): every sample padded to a multiple of it, plus cu_seqlens_padded."""
+    S = seq_length
+    real_N = np.asarray(doc_lens, dtype=np.int64)  # (n,) real tokens per sample
+    phys_N = padded_lengths(real_N, multiple)  # (n,) where each sample's slot ends; = real_N without CP
+    T = int(phys_N.sum())
     if T > S:
-        raise ValueError(f"a pack holds {T} tokens but sequence_length is {S}: pass --seq-length >= {T}")
-    seg_lens = np.asarray(doc_lens, dtype=np.int64)
-    if T < S:
-        seg_lens = np.append(seg_lens, S - T)  # the padding tail: one more segment
+        raise ValueError(f"a pack holds {T} tokens{' padded' if multiple > 1 else ''} but sequence_length is {S}: "
+                         f"pass --seq-length >= {T}")
+    seg_lens = np.append(phys_N, S - T) if T < S else phys_N  # the padding tail: one more segment
     cu_N1 = cu_seqlens(seg_lens)  # (n_seg + 1,) int32
     seg_S = np.repeat(np.arange(len(seg_lens)), seg_lens)  # segment of every position
+    real_S = np.zeros(S, dtype=bool)  # the samples' own tokens: the first real_N positions of each slot
+    real_ends = np.cumsum(real_N)
+    real_S[np.arange(int(real_ends[-1]) if real_N.size else 0)
+           + np.repeat(cu_N1[: real_N.size].astype(np.int64) - (real_ends - real_N), real_N)] = True
     tokens_S = np.full(S, pad_id, dtype=np.int64)
-    tokens_S[:T] = ids
+    tokens_S[real_S] = ids
     target_S = np.zeros(S, dtype=bool)
-    target_S[:T] = np.asarray(mask) != 0
+    target_S[real_S] = np.asarray(mask) != 0
     labels_S = np.append(tokens_S[1:], pad_id)
     loss_S = np.zeros(S, dtype=np.float32)
-    loss_S[:-1] = (seg_S[1:] == seg_S[:-1]) & target_S[1:]
+    loss_S[:-1] = (seg_S[1:] == seg_S[:-1]) & real_S[1:] & target_S[1:]  # a pad is never a target
     positions_S = np.arange(S, dtype=np.int64) - cu_N1[:-1].astype(np.int64)[seg_S]
 
     item = {"tokens": torch.from_numpy(tokens_S), "labels": torch.from_numpy(labels_S)}
@@ -159,7 +192,12 @@ def pack_item(ids: np.ndarray, mask: np.ndarray, doc_lens: np.ndarray, seq_lengt
         item["attention_mask"] = (~allowed_SS).unsqueeze(0)  # (1, S, S), True = masked out, as GPTDataset
     item["loss_mask"] = torch.from_numpy(loss_S)
     item["position_ids"] = torch.from_numpy(positions_S)
-    item["cu_seqlens"] = torch.from_numpy(cu_N1)
+    if multiple > 1:  # TE's THD pair: real tokens per segment (the tail holds none), and physical offsets
+        real_seg = np.append(real_N, 0) if T < S else real_N
+        item["cu_seqlens"] = torch.from_numpy(cu_seqlens(real_seg))
+        item["cu_seqlens_padded"] = torch.from_numpy(cu_N1)
+    else:
+        item["cu_seqlens"] = torch.from_numpy(cu_N1)
     item["max_seqlen"] = torch.tensor(int(seg_lens.max()), dtype=torch.int32)
     return item
 
@@ -182,13 +220,26 @@ class PackedGPTDataset(MegatronDataset):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         check_config(config)
         self._check_tokenizer()
+        cp = getattr(config, "context_parallel_size", None) or 1
+        if cp != dataset.cp_size:
+            raise ValueError(
+                f"{dataset.prefix}: context_parallel_size is {cp} but the build was made for CP {dataset.cp_size} "
+                + (f"(its samples are padded to multiples of {dataset.multiple}); pass --context-parallel-size "
+                   f"{dataset.cp_size}, or rebuild with `packer build --cp-size {cp}`" if dataset.cp_size > 1 else
+                   f"(no padding: THD context parallelism needs every document padded to a multiple of 2 x CP); "
+                   f"rebuild with `packer build --cp-size {cp}`, or pass --context-parallel-size 1"))
         S = config.sequence_length
+        if S % dataset.multiple:
+            raise ValueError(f"{dataset.prefix}: sequence_length {S} is not a multiple of {dataset.multiple}, the "
+                             f"build's context-parallel padding (the tail of a short row would not split over CP "
+                             f"{dataset.cp_size}); pass --seq-length {dataset.seq_length}")
         if len(indices):
             lens = dataset.pack_lens[indices]
             if lens.max() > S:
                 d = int(indices[int(np.argmax(lens))])
                 raise ValueError(
-                    f"{dataset.prefix}: pack {d} holds {int(lens.max())} tokens but sequence_length is {S} (the "
+                    f"{dataset.prefix}: pack {d} holds {int(lens.max())} tokens"
+                    + (" padded" if dataset.multiple > 1 else "") + f" but sequence_length is {S} (the "
                     f"build was packed to {dataset.seq_length}); pass --seq-length >= {dataset.seq_length}")
         elif num_samples:
             raise ValueError(f"{dataset.prefix}: the {index_split.name} split has no packs of {len(dataset)} "
@@ -222,7 +273,7 @@ class PackedGPTDataset(MegatronDataset):
         # idx None: a batch-padding sample (as GPTDataset), any pack with no loss
         ids, mask, doc_lens = self.dataset.read(int(self.pack_index[0 if idx is None else idx]))
         item = pack_item(ids, mask, doc_lens, self.config.sequence_length, self.dataset.pad_id,
-                         getattr(self.config, "create_attention_mask", False))
+                         getattr(self.config, "create_attention_mask", False), self.dataset.multiple)
         if idx is None:
             item["loss_mask"].zero_()
         return item

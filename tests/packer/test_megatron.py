@@ -301,8 +301,11 @@ def test_errors(synth, tmp_path):
         pm.pack_item(np.ones(40), np.ones(40), np.array([40]), 32, 0)
     with pytest.raises(ValueError, match="drop --eod-mask-loss"):
         config([synth.a], eod_mask_loss=True)
-    with pytest.raises(ValueError, match="--context-parallel-size 1"):
-        config([synth.a], context_parallel_size=2)
+    with pytest.raises(ValueError, match=r"made for CP 1 .* rebuild with `packer build --cp-size 2`, or pass "
+                                         r"--context-parallel-size 1"):
+        dataset(synth.a, context_parallel_size=2)  # a plain build: no padding for THD context parallelism
+    with pytest.raises(ValueError, match="hybrid context parallelism is not supported"):
+        config([synth.a], hybrid_context_parallel=True)
     with pytest.raises(ValueError, match="no data"):
         pm.PackedGPTDatasetConfig(random_seed=1, sequence_length=S)
     with pytest.raises(ValueError, match="the build's is 0; pass the tokenizer the build used"):
@@ -316,3 +319,103 @@ def test_missing_megatron_core(monkeypatch):
     monkeypatch.delitem(sys.modules, "packer.megatron")
     with pytest.raises(ImportError, match="pip install megatron-core"):
         importlib.import_module("packer.megatron")
+
+
+# -- context-parallel builds (packer build --cp-size N): every sample served padded to the build's multiple ---------
+def cp_build(tmp_path, helpers, packs, cp_size: int, tp_size: int = 1, seq_length: int = S):
+    """A hand build marked as built for CP (the section a `packer build --cp-size` writes), checked by verify."""
+    from packer import cp
+    from packer.verify import verify
+
+    prefix = tmp_path / f"cp{cp_size}"
+    m = helpers.write_dataset(prefix, packs, eod=E, vocab=VOCAB, seq_length=seq_length)
+    lens = np.array([len(ids) for p in packs for ids, _ in p])
+    docs = np.concatenate([[0], np.cumsum([len(p) for p in packs])])
+    padded, per_pack, costs = cp.pack_figures(lens, docs, cp.pad_multiple(cp_size, tp_size))
+    m["tokenizer"]["pad_id"] = PAD
+    m["context_parallel"] = cp.section(cp_size, tp_size, PAD, int(lens.sum()), padded, int(per_pack.max()))
+    m["attention_cost"] = cp.attention_summary(costs, cp.pad_multiple(cp_size, tp_size))
+    helpers.refresh_checksums(prefix, m)
+    assert verify(prefix).ok, verify(prefix).errors
+    return prefix
+
+
+def test_cp_hand_example(tmp_path, helpers):
+    """The module docstring's CP example: samples [a0 a1 E] and [b0 E] at CP 2 (m = 4), S = 12, pad p = 99."""
+    prefix = cp_build(tmp_path, helpers, [[([5, 6, E], [0, 1, 1]), ([7, E], [1, 1])]], cp_size=2, seq_length=12)
+    (item,) = by_pack(dataset(prefix, 12, context_parallel_size=2, create_attention_mask=False)).values()
+    p = PAD
+    assert {k: v.tolist() for k, v in item.items()} == {
+        "tokens": [5, 6, E, p, 7, E, p, p, p, p, p, p],
+        "labels": [6, E, p, 7, E, p, p, p, p, p, p, p],
+        "loss_mask": [1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        "position_ids": [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3],
+        "cu_seqlens": [0, 3, 5, 5], "cu_seqlens_padded": [0, 4, 8, 12], "max_seqlen": 4}
+
+
+@pytest.mark.parametrize("cp_size,tp_size", [(2, 1), (4, 1), (2, 3)])
+def test_cp_items_are_the_plain_items_padded(tmp_path, helpers, cp_size, tp_size):
+    """Every pack of a CP build, served padded: each document's slot a multiple of m in cu_seqlens_padded, its real
+    tokens, labels, targets and positions exactly the plain item's document, pads never a target; the real
+    cu_seqlens count exactly the real tokens; every padded document splits into TE's 2 x CP zigzag chunks."""
+    from packer import cp
+
+    m = cp.pad_multiple(cp_size, tp_size)
+    seq_length = 4 * m * 2
+    rng = np.random.default_rng(cp_size * 10 + tp_size)
+    packs = []
+    for _ in range(30):  # samples of 1..2m tokens whose padded lengths fill at most seq_length
+        lens, room = [], seq_length
+        while room >= m and len(lens) < 5:
+            L = int(rng.integers(1, min(2 * m, room) + 1))
+            lens.append(L)
+            room -= -(-L // m) * m
+        packs.append([([*rng.integers(1, PAD, size=L - 1).tolist(), E], [*rng.integers(0, 2, size=L - 1).tolist(), 1])
+                      for L in lens])
+    prefix = cp_build(tmp_path, helpers, packs, cp_size, tp_size, seq_length)
+    packed = PackedDataset(prefix)
+    assert (packed.cp_size, packed.pad_multiple) == (cp_size, m)
+    for d, item in by_pack(dataset(prefix, seq_length, context_parallel_size=cp_size,
+                                   create_attention_mask=False)).items():
+        pk = packed[d]
+        slots = packed.padded_doc_lens(d)
+        assert (slots % m == 0).all() and (slots >= pk.doc_lens).all() and (slots - pk.doc_lens < m).all()
+        padded_cu = item["cu_seqlens_padded"].numpy()
+        assert (np.diff(padded_cu) % (2 * cp_size) == 0).all() and (np.diff(padded_cu) % m == 0).all()
+        assert padded_cu[-1] == seq_length and padded_cu[: slots.size + 1].tolist() == cu_seqlens_of(slots)
+        real_cu = item["cu_seqlens"].numpy()
+        assert real_cu.size == padded_cu.size and real_cu[: pk.doc_lens.size + 1].tolist() == cu_seqlens_of(pk.doc_lens)
+        assert set(real_cu[pk.doc_lens.size + 1 :]) <= {real_cu[pk.doc_lens.size]}  # the tail holds no real token
+        plain = reference(pk.ids, pk.loss_mask, pk.doc_lens, int(pk.doc_lens.sum()), PAD)
+        starts = np.cumsum(pk.doc_lens) - pk.doc_lens
+        for j, (a, n) in enumerate(zip(padded_cu[:-1].tolist(), pk.doc_lens.tolist(), strict=False)):
+            s = starts[j]
+            np.testing.assert_array_equal(item["tokens"][a : a + n], pk.ids[s : s + n])
+            assert (item["tokens"][a + n : padded_cu[j + 1]] == PAD).all()
+            np.testing.assert_array_equal(item["loss_mask"][a : a + n - 1], plain[2][s : s + n - 1])
+            np.testing.assert_array_equal(item["labels"][a : a + n - 1], plain[1][s : s + n - 1])
+            np.testing.assert_array_equal(item["position_ids"][a : padded_cu[j + 1]], np.arange(slots[j]))
+        real = np.zeros(seq_length, bool)
+        for a, n in zip(padded_cu[:-1].tolist(), pk.doc_lens.tolist(), strict=False):
+            real[a : a + n] = True
+        t = np.flatnonzero(item["loss_mask"].numpy())
+        assert real[t + 1].all() and real[t].all()  # a target and its input are real tokens of one document
+        assert int(item["loss_mask"].sum()) == int(pk.loss_mask.sum() - pk.loss_mask[starts].sum())
+        assert int(item["max_seqlen"]) == int(np.diff(padded_cu).max())
+        # sequence parallelism: a CP rank's seq_length / CP tokens split evenly over the TP ranks
+        assert (seq_length // cp_size) % tp_size == 0
+
+
+def cu_seqlens_of(lens) -> list[int]:
+    return np.concatenate([[0], np.cumsum(lens)]).tolist()
+
+
+def test_cp_size_must_be_the_builds(tmp_path, helpers):
+    prefix = cp_build(tmp_path, helpers, [[([5, 6, E], [0, 1, 1])]], cp_size=2, seq_length=8)
+    with pytest.raises(ValueError, match=r"context_parallel_size is 1 but the build was made for CP 2 .* pass "
+                                         r"--context-parallel-size 2, or rebuild"):
+        dataset(prefix, 8)
+    with pytest.raises(ValueError, match=r"context_parallel_size is 4 but the build was made for CP 2"):
+        dataset(prefix, 8, context_parallel_size=4)
+    with pytest.raises(ValueError, match=r"sequence_length 10 is not a multiple of 4"):
+        dataset(prefix, 10, context_parallel_size=2)

@@ -266,15 +266,17 @@ class OutputSet:
         """Steps 1-4 of the module docstring; returns the manifest written."""
         # 1. Everything final and durable under temporary names.
         pending: dict[str, Path] = {}
+        hashed: dict[Path, str] = {}
         for writer in self._datasets:
             writer.finalize()  # fsyncs .bin and .idx
             pending |= writer.pending()
+            hashed |= writer.sha256()
         for tmp in self._files.values():
             fsync_path(tmp)
         self._close_rejects()
         here = self.manifest_path.parent
         pending |= {os.path.relpath(final, here): tmp for final, tmp in self._files.items()}
-        manifest = make_manifest(file_entries(pending))
+        manifest = make_manifest(file_entries(pending, hashed))
         manifest_tmp = self._write_temp_json(self.manifest_path, manifest)
         folders = {here, *(final.parent for final in self._files)}
         key = self._datasets[0] if self._datasets else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import warnings
@@ -219,6 +220,35 @@ def test_writer_validation(tmp_path):
         assert w.document_count == 2
     with pytest.raises(ValueError, match="no MMIDIDX code"):
         IndexedDatasetWriter(tmp_path / "y", np.uint32)
+    # Ids of a dtype that always fits skip the range pass; int32 ids into an int32 dataset of ids >= 0 do not.
+    with IndexedDatasetWriter(tmp_path / "z", np.int32, min_value=0) as w:
+        with pytest.raises(ValueError, match="out of range"):
+            w.add_sequences(np.array([3, -1], dtype=np.int32), [2])
+        w.add_sequences(np.array([0, 65535], dtype=np.uint16), [2])
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_checksums_are_of_the_bytes_written(tmp_path, monkeypatch, bulk):
+    """sha256() hashes .bin and .idx as they are written: equal to reading the finished files back."""
+    monkeypatch.setattr(indexed, "_CHUNK", 7)  # the .idx written in many pieces
+    rng = np.random.default_rng(5)
+    docs = random_docs(rng, n_docs=30, max_seqs=5, max_len=9, hi=60000)
+    w = IndexedDatasetWriter(tmp_path / "h", np.uint16)
+    with w:
+        for doc in docs:
+            if bulk and doc:
+                w.add_sequences(np.concatenate(doc).astype(np.int64), [s.size for s in doc])
+            else:
+                for s in doc:
+                    w.add_sequence(s)
+            w.end_document()
+        with pytest.raises(RuntimeError, match="finalize"):
+            w.sha256()
+        w.finalize()
+        digests = w.sha256()
+        assert set(digests) == {w.tmp_bin, w.tmp_idx}
+        for path, digest in digests.items():
+            assert digest == hashlib.sha256(path.read_bytes()).hexdigest(), path.name
 
 
 @pytest.fixture

@@ -43,9 +43,12 @@ class Counters:
 
     def add(self, other: Any) -> None:
         """Add another Counters, or anything with some of these fields (an `overflow.Fitted`)."""
-        for f in fields(self):
-            if hasattr(other, f.name):
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name in _COUNTER_NAMES:
+            if hasattr(other, name):
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+_COUNTER_NAMES = tuple(f.name for f in fields(Counters))  # fields() builds its tuple anew at every call
 
 
 @dataclass
@@ -273,18 +276,34 @@ class RecordEncoder:
 
     def _fit_all(self, kept: list[RawRecord], ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray,
                  c: Counters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out: list[tuple[np.ndarray, np.ndarray]] = []
+        """--overflow on the samples longer than --seq-length; the others stay as they are, in place. The flat
+        arrays are cut into runs of fitting samples and the pieces of the long ones:
+
+            lengths [3, 9, 2, 4], seq_length 4, split  ->  [3] + [4, 4, 1] + [2, 4]   (one fit() call)
+        """
         ends = np.cumsum(lengths)
-        for rec, n, e in zip(kept, lengths.tolist(), ends.tolist(), strict=True):
+        long = np.flatnonzero(lengths > self.config.seq_length)
+        ids_out: list[np.ndarray] = []
+        mask_out: list[np.ndarray] = []
+        lengths_out: list[np.ndarray] = []
+        done = 0  # samples before this one are in the lists
+        for j, n, e in zip(long.tolist(), lengths[long].tolist(), ends[long].tolist(), strict=True):
             try:
                 fitted = fit(ids[e - n : e], mask[e - n : e], self.config.seq_length, self.overflow)
             except SampleTooLong as err:
-                raise BuildError(f"{rec.where()}: {err}; pass --overflow truncate|split|drop, or a larger "
+                raise BuildError(f"{kept[j].where()}: {err}; pass --overflow truncate|split|drop, or a larger "
                                  "--seq-length") from err
             c.add(fitted)
-            out.extend(fitted.pieces)
-        lengths = np.fromiter((s.size for s, _ in out), dtype=np.int64, count=len(out))
-        ids = np.concatenate([s for s, _ in out]) if out else np.zeros(0, np.int64)
-        mask = np.concatenate([m for _, m in out]) if out else np.zeros(0, np.uint8)
-        return ids, mask, lengths
-
+            run = slice(int(ends[done - 1]) if done else 0, e - n)  # the fitting samples before this one
+            ids_out.append(ids[run])
+            mask_out.append(mask[run])
+            lengths_out.append(lengths[done:j])
+            ids_out.extend(s for s, _ in fitted.pieces)
+            mask_out.extend(m for _, m in fitted.pieces)
+            lengths_out.append(np.fromiter((s.size for s, _ in fitted.pieces), np.int64, len(fitted.pieces)))
+            done = j + 1
+        tail = int(ends[done - 1]) if done else 0
+        ids_out.append(ids[tail:])
+        mask_out.append(mask[tail:])
+        lengths_out.append(lengths[done:])
+        return np.concatenate(ids_out), np.concatenate(mask_out), np.concatenate(lengths_out)

@@ -14,6 +14,15 @@ For a pack of samples [3, 2] (E = EOD):
 
 Each sample loses one input token, so sum(len - 1) <= seq_length always holds. A 1-token sample (a split
 sample's lone EOD) would be an empty sub-sequence with nothing to train: it is left out and counted.
+
+A `--cp-size` build (docs/context-parallel.md) is written as Bridge's own writer writes `pad_seq_to_mult = m`
+(offline.py::tokenize_dataset / _pre_pad_data_point): each sample is followed by eos ids (loss 0) until its input
+length (len - 1) is a multiple of m, so Bridge read with `pad_seq_to_mult = m` gets cu_seqlens_q_padded on
+multiples of m and cu_seqlens_q ending at each sample's last non-eos input token. For m = 4 (e = eos pad):
+
+    input_ids     a0 a1 E  e  e  b0 E  e  e  e         seq_start_id [0, 5]
+    loss_mask     1  1  0  0  0  1  0  0  0  0
+    Bridge feeds  cu_seqlens_q_padded [0, 4, 8], cu_seqlens_q [0, 2, 3]
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from packer.boundaries import cumulative_ends
+from packer.cp import padded_lengths
+from packer.write import token_positions
 
 ROW_GROUP = 500  # rows per Parquet row group, as Bridge's own writer
 
@@ -36,7 +47,8 @@ def write(ds, out, config, progress: bool) -> dict:
     schema = pa.schema([("input_ids", pa.list_(pa.int64())), ("loss_mask", pa.list_(pa.int8())),
                         ("seq_start_id", pa.list_(pa.int64()))])
     parquet = out.file(f"{config.output}.idx.parquet")
-    rows = dropped = targets = 0
+    rows = dropped = targets = cut = 0
+    m = ds.pad_multiple
     input_lens: list[np.ndarray] = []  # per sample, len - 1: what Bridge's metadata counts
     per_pack_inputs: list[np.ndarray] = []
     samples_per_row: list[np.ndarray] = []
@@ -53,6 +65,17 @@ def write(ds, out, config, progress: bool) -> dict:
             label_mask = np.zeros(ids.size, np.int8)
             label_mask[:-1] = mask[1:]
             label_mask[np.cumsum(seq_lens) - 1] = 0
+            if m > 1:  # Bridge's pad_seq_to_mult layout: eos after each sample until len - 1 is a multiple of m
+                # Bridge's logical length ends at the last non-eos input token: a sample whose last input token
+                # (the one before its EOD) is itself the EOD id would lose that target.
+                ends = np.cumsum(seq_lens) - 1
+                cut += int((ids[ends - 1] == ds.eod_id).sum())
+                stored = padded_lengths(seq_lens - 1, m) + 1
+                dest = token_positions(cumulative_ends(stored, leading_zero=True)[:-1], seq_lens, int(stored.sum()) + 1)
+                padded_ids = np.full(int(stored.sum()), ds.eod_id, np.int64)
+                padded_mask = np.zeros(int(stored.sum()), np.int8)
+                padded_ids[dest], padded_mask[dest] = ids, label_mask
+                ids, label_mask, seq_lens = padded_ids, padded_mask, stored
             targets += int(label_mask.sum())
             pack_tokens = np.bincount(pack_of, weights=seq_lens, minlength=per_pack.size).astype(np.int64)
             nonempty = per_pack > 0
@@ -84,17 +107,30 @@ def write(ds, out, config, progress: bool) -> dict:
     }]
     meta_path = out.file(f"{config.output}_metadata.jsonl")
     meta_path.write_text(json.dumps(metadata) + "\n", encoding="utf-8")
-    return {
+    warnings = [f"{dropped:,} 1-token samples (lone EODs of split samples, nothing to train on) left out"] \
+        if dropped else []
+    if cut:
+        warnings.append(f"{cut:,} samples hold the EOD id just before their final EOD: Bridge (pad_seq_to_mult > 1) "
+                        "ends a sub-sequence at its last non-eos input token, so it does not train on that EOD")
+    section = {
         "parquet": Path(f"{config.output}.idx.parquet").name,
         "metadata": Path(f"{config.output}_metadata.jsonl").name,
         "eos_id": int(ds.eod_id),
         "packed_sequence_size": ds.seq_length,
         "loss_mask": "label-aligned: loss_mask[j] = packer mask[j+1] within the sample, 0 at its last token",
         "single_token_samples_dropped": dropped,
-        "warnings": [f"{dropped:,} 1-token samples (lone EODs of split samples, nothing to train on) left out"]
-        if dropped else [],
+        "warnings": warnings,
         "summary": {"rows": rows, "samples": int(lens.size), "target_tokens": targets},
     }
+    if ds.context_parallel is not None:
+        section["context_parallel"] = {
+            "cp_size": ds.cp_size, "tp_size": ds.tp_size, "pad_seq_to_mult": m,
+            "bridge_config": {"dataset.packed_sequence_specs.pad_seq_to_mult": m,
+                              "dataset.packed_sequence_specs.packed_sequence_size": ds.seq_length,
+                              "dataset.dataset_kwargs.pad_to_max_length": True,
+                              "model.context_parallel_size": ds.cp_size,
+                              "model.tensor_model_parallel_size": ds.tp_size}}
+    return section
 
 
 def _offsets(offsets: np.ndarray, nonempty: np.ndarray):

@@ -2,9 +2,10 @@
 
     mindspeed  three datasets with the same sequences; lengths = seq_length (or a multiple of pad_to_multiple_of);
                labels -100 or equal to input_ids; ids in the vocabulary; attention_mask 1..k in runs then 0s
-               (neat-pack) or all 1 (EOD boundaries)
+               (neat-pack) or all 1 (EOD boundaries); a CP build's: runs 1..k+1, each a multiple of the padding
     bridge     the three columns, equal lengths; seq_start_id rising from 0 inside the row; loss_mask 0/1 and
-               0 at each sub-sequence's last token; sum(len - 1) <= packed_sequence_size
+               0 at each sub-sequence's last token; sum(len - 1) <= packed_sequence_size; a CP build's: every
+               len - 1 a multiple of pad_seq_to_mult
     hf         every shard, equal column lengths; labels -100 or equal to input_ids; position_ids restart at
                every document of seq_lengths (pack rows)
 """
@@ -95,6 +96,7 @@ def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: l
     if errors:
         return
     neat = section["convention"] == "neat-pack"
+    cp_m = int((section.get("context_parallel") or {}).get("multiple", 1))
     bad = 0
     for i in range(len(lens)):
         ids, labels, mask = (ds[f].get(i).astype(np.int64) for f in FIELDS)
@@ -106,6 +108,8 @@ def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: l
                                                                        or (np.diff(runs) > 1).any())))
             firsts = np.flatnonzero(np.diff(np.concatenate([[0], runs])) != 0)  # each sample's first token
             wrong |= bool((labels[firsts] != -100).any())
+            if cp_m > 1:  # every segment (sample + its padding, and the tail) a multiple; no 1-token pad segments
+                wrong |= bool(used != mask.size or (np.unique(runs, return_counts=True)[1] % cp_m).any())
         else:
             wrong |= bool((mask != 1).any())
         bad += int(wrong)
@@ -113,7 +117,8 @@ def _mindspeed(prefix: str, section: dict, manifest: dict, vocab: int, errors: l
             break
     if bad:
         errors.append(f"{bad} packs break the MindSpeed layout (ids outside the vocabulary, labels that are neither "
-                      "-100 nor the token, or attention_mask not 1..k then 0s)")
+                      "-100 nor the token, or attention_mask not 1..k then 0s"
+                      + (f", or segments that are not multiples of {cp_m}" if cp_m > 1 else "") + ")")
     stats.update(packs=int(len(lens)), tokens=int(lens.sum()))
 
 
@@ -121,6 +126,7 @@ def _bridge(path: Path, section: dict, vocab: int, errors: list[str], stats: dic
     import pyarrow.parquet as pq
 
     size = int(section["packed_sequence_size"])
+    mult = int((section.get("context_parallel") or {}).get("pad_seq_to_mult", 1))
     rows = bad = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=500):
         data = batch.to_pydict()
@@ -129,10 +135,12 @@ def _bridge(path: Path, section: dict, vocab: int, errors: list[str], stats: dic
             bounds = [*starts, len(ids)]
             ok = (len(mask) == len(ids) and starts and starts[0] == 0 and all(b > a for a, b in zip(bounds, bounds[1:], strict=False))
                   and set(mask) <= {0, 1} and all(mask[b - 1] == 0 for b in bounds[1:])
-                  and len(ids) - len(starts) <= size and min(ids, default=0) >= 0 and max(ids, default=0) < vocab)
+                  and len(ids) - len(starts) <= size and min(ids, default=0) >= 0 and max(ids, default=0) < vocab
+                  and all((b - a - 1) % mult == 0 for a, b in zip(bounds, bounds[1:], strict=False)))
             bad += not ok
     if bad:
-        errors.append(f"{path}: {bad} rows break Bridge's layout (seq_start_id, loss_mask or capacity)")
+        errors.append(f"{path}: {bad} rows break Bridge's layout (seq_start_id, loss_mask or capacity"
+                      + (f", or sub-sequences whose len - 1 is not a multiple of {mult}" if mult > 1 else "") + ")")
     stats.update(rows=rows)
 
 

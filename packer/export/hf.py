@@ -25,6 +25,11 @@ cut the causal mask at every position reset, for sdpa and eager alike (both test
   * flash_attention_2 reads the boundaries from position_ids only for a batch of ONE flattened row
     (modeling_flash_attention_utils._is_packed_sequence), or from cu_seq_lens_q: TRL's padding-free collator
     gives both.
+
+A `--cp-size` build is exported with its samples as they are (unpadded), and a warning: transformers and TRL have
+no context parallelism over document-masked rows to pad for (accelerate's context parallelism shards a plain
+causal SDPA sequence and takes no packed boundaries), so pads would only be tokens every model has to attend to.
+The packs are the CP build's (packed by padded length), each within seq_length unpadded too.
 """
 
 from __future__ import annotations
@@ -148,7 +153,12 @@ def write(ds: PackedDataset, out: OutputSet, config: ExportConfig, progress: boo
             tokens, targets = tokens + g.ids.size, targets + n_targets
             first_targets += int(np.count_nonzero(g.mask)) - n_targets
             bar.update(g.samples_per_pack.size)
-    return {"rows": rows, "shards": len(names), "per_sample": config.per_sample,
+    warnings = []
+    if ds.context_parallel is not None:
+        warnings.append(f"the build is padded for context parallelism (CP {ds.cp_size}, multiples of "
+                        f"{ds.pad_multiple}); transformers/TRL padding-free training has no such split, so the samples "
+                        "are exported unpadded (their packs are the CP build's)")
+    return {"rows": rows, "shards": len(names), "per_sample": config.per_sample, "warnings": warnings,
             "columns": (SAMPLE_SCHEMA if config.per_sample else PACK_SCHEMA).names,
             "label_convention": LABEL_CONVENTION,
             "document_first_targets": first_targets,  # marked by packer's mask, never labels (module docstring)

@@ -16,6 +16,7 @@ import pytest
 
 from packer.dataset import PackedDataset
 from packer.export import ExportConfig, export
+from packer.verify import verify
 
 from .conftest import ALPACA, MOSS, read_with_peer
 
@@ -102,3 +103,57 @@ def test_single_token_samples_are_left_out(real_build, tmp_path):
     eos = m["bridge"]["eos_id"]
     check(prefix, bridge_reads(str(tmp_path / "br.idx.parquet"), "--eos-id", str(eos), "--seq-length", "64"),
           eos, 64)
+
+
+# -- a --cp-size build: Bridge's own pad_seq_to_mult layout, read with pad_seq_to_mult = the build's multiple -------
+def expected_cp_row(pack, m: int, eos: int, seq_length: int) -> dict:
+    """Bridge's collate_fn on one row of a CP export (pad_to_max_length): per sample of n >= 2 tokens, stored as
+    the sample then eos up to ceil((n-1)/m)*m + 1 tokens; inputs/labels/loss from that, the logical length n-1."""
+    tokens, labels, loss, positions, padded, logical = [], [], [], [], [0], [0]
+    for d in np.split(np.arange(pack.ids.size), np.cumsum(pack.doc_lens)[:-1]):
+        if d.size < 2:
+            continue
+        stored = -(-(d.size - 1) // m) * m + 1
+        seq = pack.ids[d].tolist() + [eos] * (stored - d.size)
+        tokens += seq[:-1]
+        labels += seq[1:]
+        loss += pack.loss_mask[d[1:]].tolist() + [0] * (stored - d.size)
+        positions += list(range(stored - 1))
+        padded.append(padded[-1] + stored - 1)
+        logical.append(logical[-1] + d.size - 1)
+    pad = seq_length - len(tokens)
+    if pad:
+        padded.append(seq_length)
+        logical.append(logical[-1])  # the row's tail holds no real token
+    return {"tokens": tokens + [eos] * pad, "labels": labels + [eos] * pad, "loss_mask": loss + [0] * pad,
+            "position_ids": positions + [0] * pad, "cu_seqlens_q_padded": padded, "cu_seqlens_q": logical}
+
+
+def test_cp_build_reads_as_bridge_pad_seq_to_mult(real_build, tmp_path):
+    prefix = real_build("alpaca", ALPACA, seq_length=1024, on_error="skip", cp_size=4, tp_size=2)  # m = 8
+    ds = PackedDataset(prefix)
+    m = export(ExportConfig(prefix, "bridge", str(tmp_path / "br")))
+    section = m["bridge"]
+    assert section["context_parallel"]["pad_seq_to_mult"] == 8
+    assert section["context_parallel"]["bridge_config"]["dataset.packed_sequence_specs.pad_seq_to_mult"] == 8
+    eos = section["eos_id"]
+    records = bridge_reads(str(tmp_path / "br.idx.parquet"), "--eos-id", str(eos), "--seq-length", "1024",
+                           "--pad-seq-to-mult", "8", "--pad-to-max-length")
+    rows = [expected_cp_row(p, 8, eos, 1024) for p in ds]
+    assert len(records) == len(rows)
+    for rec in records:
+        (r,) = rec["rows"]
+        want = rows[r]
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert rec[key][0] == want[key], (r, key)
+        padded, logical = rec["cu_seqlens_q_padded"][0], rec["cu_seqlens_q"][0]
+        assert padded == want["cu_seqlens_q_padded"] and logical == want["cu_seqlens_q"], r
+        assert all(b % 8 == 0 for b in padded)  # TE's THD split over CP 4 (2 x 4 chunks) and sequence parallel
+        # no target outside a sample's logical tokens: the alignment padding and the tail never train
+        seg_pad = np.diff(padded)[: len(logical) - 1]
+        real = np.zeros(1024, bool)
+        for a, n in zip(padded[:-1], np.diff(logical), strict=False):
+            real[a : a + n] = True
+        assert not np.asarray(rec["loss_mask"][0], bool)[~real].any() and (seg_pad % 8 == 0).all()
+        assert np.array_equal(~np.asarray(rec["padding_mask"][0], bool), real)
+    assert verify(str(tmp_path / "br")).ok

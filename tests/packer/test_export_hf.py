@@ -400,3 +400,18 @@ def test_cli(hand, tmp_path):
     (out / "other.parquet").write_bytes(b"")
     r = CliRunner().invoke(main, ["export", hand, "--to", "hf", "--output", str(out)])
     assert r.exit_code == 1 and "would not replace" in r.output, r.output
+
+
+def test_cp_build_exports_its_samples_unpadded(real_build, tmp_path):
+    """transformers/TRL have no context-parallel split over document-masked rows: a --cp-size build's rows are its
+    packs as stored (no padding), and the export says so."""
+    prefix = real_build("alpaca", ALPACA, seq_length=1024, on_error="skip", cp_size=4, tp_size=2)
+    m = export(ExportConfig(prefix, "hf", str(tmp_path / "hf")))
+    assert len(m["hf"]["warnings"]) == 1 and "exported unpadded" in m["hf"]["warnings"][0]
+    ds = PackedDataset(prefix)
+    rows = datasets.load_dataset("parquet", data_dir=str(tmp_path / "hf"), split="train")
+    assert len(rows) == len(ds)
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        assert rows[i]["input_ids"] == ds[i].ids.tolist() and rows[i]["seq_lengths"] == ds[i].doc_lens.tolist()
+    r = CliRunner().invoke(main, ["export", prefix, "--to", "hf", "--output", str(tmp_path / "hf2")])
+    assert r.exit_code == 0 and "warning: the build is padded for context parallelism (CP 4" in r.output, r.output

@@ -7,6 +7,7 @@ samples (1-token samples last), padding, labels = target token ids with every sa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,93 @@ def test_temp_files_of_a_dead_run_are_removed(alpaca, tmp_path):
     stale.write_bytes(b"x" * 100)
     export(ExportConfig(alpaca, "mindspeed", str(out) + "/"))  # a trailing slash names the same output
     assert not stale.exists() and (tmp_path / "ms.json").is_file()
+
+
+# -- a --cp-size build: every sample padded so that MindSpeed's pad_data has nothing left to pad -------------------
+def pad_data(actual_seq_len: list[int], cp_size: int, tp_size: int) -> list[int]:
+    """mindspeed/core/context_parallel/utils.py::pad_data's offsets (NPU-only there), in numpy: every segment
+    of actual_seq_len padded to a multiple of lcm(2, TP) * CP; returned as is when already divisible."""
+    pad_to = math.lcm(2, tp_size) * cp_size
+    ends = np.asarray(actual_seq_len)
+    if (ends % pad_to == 0).all():
+        return ends.tolist()
+    lens = np.diff(np.concatenate([[0], ends]))
+    return np.cumsum(-(-lens // pad_to) * pad_to).tolist()
+
+
+def expected_cp_pack(pack, slots, seq_length: int, pad_id: int, size: int | None = None) -> dict:
+    """What MindSpeed must see for one pack of a CP build: each sample, pad_id up to its slot, then the tail."""
+    size = seq_length if size is None else size
+    tokens, labels, positions, ends = [], [], [], []
+    for d, slot in zip(np.split(np.arange(pack.ids.size), np.cumsum(pack.doc_lens)[:-1]), slots, strict=True):
+        pad = int(slot) - d.size
+        tokens += pack.ids[d].tolist() + [pad_id] * pad
+        labels += [-100] + [int(pack.ids[t]) if pack.loss_mask[t] else -100 for t in d[1:]] + [-100] * pad
+        positions += list(range(int(slot)))
+        ends.append(len(tokens))
+    tail = size - len(tokens)
+    if tail:
+        tokens, labels, positions = tokens + [pad_id] * tail, labels + [-100] * tail, positions + list(range(tail))
+        ends.append(size)
+    return {"tokens": tokens, "labels": labels, "position_ids": positions,
+            "loss_mask": [int(x != -100) for x in labels], "actual_seq_len_model": ends}
+
+
+@pytest.fixture
+def alpaca_cp(real_build) -> str:
+    return real_build("alpaca", ALPACA, seq_length=1024, on_error="skip", cp_size=4, tp_size=2)  # m = 8
+
+
+@pytest.mark.parametrize("multiple", [None, 64])
+def test_cp_build_every_segment_a_multiple(alpaca_cp, tmp_path, multiple):
+    ds = PackedDataset(alpaca_cp)
+    assert ds.pad_multiple == 8
+    m = export(ExportConfig(alpaca_cp, "mindspeed", str(tmp_path / "ms"), pad_to_multiple_of=multiple))
+    section = m["mindspeed"]
+    assert section["context_parallel"]["multiple"] == 8 and section["single_token_samples_placed_last"] == 0
+    flags = section["mindspeed_flags"]
+    for flag in ("--context-parallel-size 4", "--tensor-model-parallel-size 2", "--context-parallel-algo "
+                 "megatron_cp_algo", "--attention-mask-type causal", "--neat-pack", "--reset-attention-mask"):
+        assert flag in flags
+    extra = ["--no-pad-to-seq-lengths", "--pad-to-multiple-of", "64", "--seq-length", "1024"] if multiple else []
+    records = mindspeed_reads(str(tmp_path / "ms"), "--neat-pack", "--reset-position-ids", *extra)
+    assert len(records) == len(ds)
+    pad_tokens = 0
+    for rec in records:
+        (p,) = rec["packs"]
+        slots = ds.padded_doc_lens(p)
+        size = None if multiple is None else -(-int(slots.sum()) // multiple) * multiple
+        want = expected_cp_pack(ds[p], slots, ds.seq_length, ds.pad_id, size)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert rec[key][0] == want[key], (p, key)
+        ends = rec["actual_seq_len_model"]
+        assert ends == want["actual_seq_len_model"] and not rec["warnings"], p
+        assert all(e % 8 == 0 for e in ends) and pad_data(ends, 4, 2) == ends  # nothing left for pad_data
+        pad_tokens += len(want["tokens"]) - int(ds.doc_lens(p).sum())
+    assert section["summary"]["pad_tokens"] == pad_tokens
+    assert section["summary"]["target_tokens"] == sum(sum(r["loss_mask"][0]) for r in records)
+    assert verify(str(tmp_path / "ms")).ok
+
+
+def test_cp_build_refuses_eod_boundaries_and_a_foreign_multiple(alpaca_cp, tmp_path):
+    m = export(ExportConfig(alpaca_cp, "mindspeed", str(tmp_path / "ms"), neat_pack=False))
+    section = m["mindspeed"]
+    assert section["convention"] == "neat-pack" and "cannot carry the context-parallel padding" in section["warnings"][0]
+    with pytest.raises(ExportError, match=r"--pad-to-multiple-of 4 is not a multiple of 8, the build's context-parallel "
+                                          r"padding \(CP 4\)"):
+        export(ExportConfig(alpaca_cp, "mindspeed", str(tmp_path / "ms4"), pad_to_multiple_of=4))
+
+
+def test_verify_sees_a_cp_export_that_is_not_padded(alpaca_cp, tmp_path):
+    """An export whose manifest claims more CP padding than its segments have fails verify."""
+    import json
+
+    from packer.manifest import manifest_path
+
+    export(ExportConfig(alpaca_cp, "mindspeed", str(tmp_path / "ms")))  # segments: multiples of 8, not all of 16
+    path = manifest_path(str(tmp_path / "ms"))
+    m = json.loads(path.read_text())
+    m["mindspeed"]["context_parallel"]["multiple"] = 16
+    path.write_text(json.dumps(m))
+    rep = verify(str(tmp_path / "ms"))
+    assert any("segments that are not multiples of 16" in e for e in rep.errors), rep.errors

@@ -96,6 +96,24 @@ def alpaca_prefix(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def alpaca_cp2_prefix(tmp_path_factory) -> str:
+    """The 300 Alpaca records built with `packer build --cp-size 2` at 512 tokens: documents padded to 4."""
+    if not ALPACA.is_file() or not GPT2.is_file():
+        pytest.skip(f"shared data absent: needs {ALPACA} and {GPT2}")
+    from packer.build import build
+    from packer.config import BuildConfig
+
+    tmp = tmp_path_factory.mktemp("alpaca_cp2")
+    subset = tmp / "alpaca_300.json"
+    subset.write_text(json.dumps(json.loads(ALPACA.read_text())[:300]))
+    prefix = tmp / "alpaca_cp2"
+    config = BuildConfig(handler="alpaca", inputs=(str(subset),), tokenizer=str(GPT2), seq_length=512,
+                         output_prefix=str(prefix), cp_size=2)  # fmt: skip
+    build(config, progress=False)
+    return str(prefix)
+
+
+@pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
     """tiny_build(name, seed) -> prefix: `packer build` of 40 random texts over a 62-word WordLevel vocabulary,
     seq_length 32. Builds with different seeds share the tokenizer but not the corpus."""

@@ -61,8 +61,9 @@ def pack_attention_costs(
     the loss and its cost does not depend on how the packs are ordered.
 
     `multiple` is the padding that context parallelism adds to every document: with CP size N a zigzag split
-    cuts each document into 2N chunks, so each document is padded to a multiple of 2N tokens
-    (padded_len = ceil(len / multiple) * multiple); multiple 1 = the real lengths.
+    cuts each document into 2N chunks, so each document is padded to a multiple of 2N tokens, or of
+    N * lcm(2, TP) with tensor parallelism (the build's `context_parallel.multiple`, packer/cp.py);
+    padded_len = ceil(len / multiple) * multiple; multiple 1 = the real lengths.
 
     Pack d holds sequences document_indices[d] .. document_indices[d+1]-1 (docs/format.md):
 
@@ -79,7 +80,7 @@ def pack_attention_costs(
     docs = np.asarray(document_indices)
     if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
         raise ValueError(
-            f"multiple must be an integer >= 1 (the per-document padding, 2 x the CP size), got {multiple!r}"
+            f"multiple must be an integer >= 1 (the per-document padding: the build's context_parallel.multiple, CP x lcm(2, TP)), got {multiple!r}"
         )
     if lens.ndim != 1 or docs.ndim != 1:
         raise ValueError(

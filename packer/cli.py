@@ -434,7 +434,8 @@ def verify(prefix: str, no_checksums: bool) -> None:
     s = rep.stats
     if "export" in s:
         click.echo(f"OK {prefix}: a --to {s['export']} export, " + ", ".join(
-            f"{v:,} {k}" for k, v in s.items() if isinstance(v, int)) + "; every file matches its checksum")
+            f"{v:,} {k}" for k, v in s.items() if isinstance(v, int))
+            + ("; checksums not compared (--no-checksums)" if no_checksums else "; every file matches its checksum"))
         return
     click.echo(f"OK {prefix}: {s['packs']:,} packs, {s['samples']:,} samples, {s['tokens']:,} tokens; EOD scan "
                f"agrees with the index on {s['eod_scan']['agrees']:,}/{s['eod_scan']['packs']:,} packs")

@@ -77,9 +77,10 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
                 raise MergeError(f"{p}: {what} {get(m)!r} differs from {in_prefixes[0]}'s {get(first)!r}; "
                                  "only builds with the same tokenizer and seq_length can be merged")
         if _cp_sizes(m) != _cp_sizes(first):
-            raise MergeError(f"{p}: built for {_cp_text(m)}, {in_prefixes[0]} for {_cp_text(first)}: its packs fit "
-                             "only the padding they were built for; rebuild the inputs with the same --cp-size and "
-                             "--tp-size")
+            raise MergeError(f"{p}: built for {_cp_text(m)}, {in_prefixes[0]} for {_cp_text(first)}: the merged "
+                             "manifest records one CP/TP layout, and a trainer checks it at launch (packs fit only "
+                             "the padding multiple they were built for); rebuild the inputs with the same --cp-size "
+                             "and --tp-size")
     shards = [(m["config"].get("num_shards", 1), m["config"].get("shard_index", 0)) for m in manifests]
     counts_k = {k for k, _ in shards if k > 1}
     if counts_k and not allow_partial:

@@ -2,7 +2,7 @@
 
 The plan is packer.balance's (the module docstring there has the algorithm and the cost it balances); this
 class only walks one DP rank's share of it. With context parallelism pass the DP rank and size (the CP ranks
-of one DP group read the same micro-batch) and costs computed with multiple = 2 x the CP size.
+of one DP group read the same micro-batch) and costs computed with the build's padding multiple (CP x lcm(2, TP)).
 
 For 4 packs costing [9, 1, 8, 2], dp_size 2, micro_batch_size 1, grad_accum 1 and window_steps 2, the two
 steps hold packs {0, 2} (costs 9, 8) and {1, 3} (costs 1, 2), in an order the seed fixes, and the two ranks

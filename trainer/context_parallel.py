@@ -161,6 +161,16 @@ class ReferenceStep:
         return s
 
     def forward(self, q, k, v, q_lens, k_lens, causal, scale):
+        # fp32 even under --dtype bf16: autocast would run these matmuls in bf16, and the backward (outside
+        # autocast) would then rebuild fp32 probabilities against a bf16 log-sum-exp
+        with torch.autocast(q.device.type, enabled=False):
+            return self._forward(q, k, v, q_lens, k_lens, causal, scale)
+
+    def backward(self, q, k, v, out, dout, lse, q_lens, k_lens, causal, scale):
+        with torch.autocast(q.device.type, enabled=False):
+            return self._backward(q, k, v, out, dout, lse, q_lens, k_lens, causal, scale)
+
+    def _forward(self, q, k, v, q_lens, k_lens, causal, scale):
         Tq, Hq, D = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -178,7 +188,7 @@ class ReferenceStep:
             lse[qo : qo + lq] = (m + den.log()).squeeze(-1).permute(2, 0, 1).reshape(lq, Hq)
         return out, lse
 
-    def backward(self, q, k, v, out, dout, lse, q_lens, k_lens, causal, scale):
+    def _backward(self, q, k, v, out, dout, lse, q_lens, k_lens, causal, scale):
         Tq, Hq, D = q.shape
         Tk, Hkv, _ = k.shape
         G = Hq // Hkv

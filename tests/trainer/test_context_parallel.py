@@ -117,6 +117,21 @@ def test_npu_step_through_the_emulator_equals_the_reference_step(q_lens, k_lens,
         assert (a - b).abs().max() <= TOL
 
 
+def test_reference_step_stays_fp32_under_autocast():
+    """--dtype bf16 runs the model under autocast; the exact step must not drop to bf16 matmuls in its forward
+    only (its backward, outside autocast, rebuilds fp32 probabilities against the forward's log-sum-exp)."""
+    q, k, v, dout = _step_inputs([32, 32], [32, 32])
+    ref = ReferenceStep()
+    want = ref.forward(q, k, v, [32, 32], [32, 32], True, 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ref.forward(q, k, v, [32, 32], [32, 32], True, 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = ref.backward(q, k, v, want[0], dout, want[1], [32, 32], [32, 32], True, 0.25)
+    plain = ref.backward(q, k, v, want[0], dout, want[1], [32, 32], [32, 32], True, 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain, strict=True))
+
+
 def test_npu_step_calls_like_mindspeeds_tnd_ring():
     """Diagonal: compressed causal mask, sparse_mode 3, pre_tockens = key count, next_tockens 0. Off-diagonal:
     no mask, sparse_mode 0, pre = next = key count. Cumulative python-int lengths, GQA native."""

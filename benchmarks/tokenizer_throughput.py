@@ -23,6 +23,13 @@ counts.tokens over seconds.total: end to end (start-up, reading, packing and wri
 one EOD per document, which the bare rows do not produce).
 
 Before timing, HF and tiktoken ids are compared on every text of the corpus; the result is printed.
+
+`--baseline DIR` adds the packer rows once more, run from another checkout of the repository (PYTHONPATH=DIR,
+e.g. `git worktree add /tmp/base HEAD~3`), interleaved with the others, and prints each repeat's rate over the
+baseline's; `--bare` and `--backends` choose the rows (the `hf` ones take most of the time):
+
+    python benchmarks/tokenizer_throughput.py CORPUS --workers 2 --bare tiktoken --backends tiktoken \
+        --baseline /tmp/base --repeats 5
 """
 
 from __future__ import annotations
@@ -138,11 +145,14 @@ def packer_has_backend() -> bool:
     return "--tokenizer-backend" in p.stdout
 
 
-def packer_build(corpus: Path, path: str, backend: str, procs: int, streaming: bool, out: Path) -> tuple[float, int]:
+def packer_build(corpus: Path, path: str, backend: str, procs: int, streaming: bool, out: Path,
+                 checkout: str | None = None) -> tuple[float, int]:
+    """(seconds.total, counts.tokens) of one `packer build`; `checkout`: the repository to run it from."""
     cmd = [sys.executable, "-m", "packer.cli", "build", "--handler", "text", "--input", str(corpus), "--tokenizer",
            path, "--tokenizer-backend", backend, "--seq-length", "2048", "--output-prefix", str(out / "b"),
            "--workers", str(procs), "--json-summary", "-q"] + (["--streaming"] if streaming else [])
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = None if checkout is None else os.environ | {"PYTHONPATH": checkout}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
     s = json.loads(p.stdout)
@@ -156,7 +166,15 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma-separated process counts")
     ap.add_argument("--tokenizer", default="gpt2", help="a folder name under ../shared/data/tokenizers, or a path")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bare", default="hf,hf-fast,tiktoken", help="comma-separated bare rows")
+    ap.add_argument("--backends", default="hf,tiktoken", help="comma-separated packer --tokenizer-backend rows")
+    ap.add_argument("--baseline", help="another checkout of this repository: its packer rows too, interleaved")
     args = ap.parse_args()
+    bare_kinds = [k for k in args.bare.split(",") if k]
+    if "tiktoken" not in bare_kinds:
+        raise SystemExit("--bare must include tiktoken: every row is compared with it")
+    if args.baseline and not (Path(args.baseline) / "packer" / "cli.py").exists():
+        raise SystemExit(f"--baseline {args.baseline}: no packer/cli.py there; pass a checkout of this repository")
     path = args.tokenizer if Path(args.tokenizer).exists() else str(SHARED / args.tokenizer)
     if Path(path).is_dir():
         path = str(Path(path) / "tokenizer.json")
@@ -178,17 +196,19 @@ def main() -> None:
 
     rows: list[tuple[str, int, object]] = []
     for procs in workers:
-        for kind in ("hf", "hf-fast", "tiktoken"):
+        for kind in bare_kinds:
             rows.append((kind, procs, lambda kind=kind, procs=procs: bare(kind, path, procs)))
     tmp = None
     if packer_has_backend():
         tmp = Path(tempfile.mkdtemp(prefix="tok_tp_", dir=args.corpus.parent))
+        checkouts = [(None, "")] + ([(args.baseline, " (baseline)")] if args.baseline else [])
         for procs in workers:
-            for backend in ("hf", "tiktoken"):
+            for backend in [b for b in args.backends.split(",") if b]:
                 for streaming in (False, True):
-                    name = f"packer {backend}" + (" --streaming" if streaming else "")
-                    rows.append((name, procs, lambda b=backend, p=procs, s=streaming:
-                                 packer_build(args.corpus, path, b, p, s, tmp)))
+                    for checkout, tag in checkouts:
+                        name = f"packer {backend}" + (" --streaming" if streaming else "") + tag
+                        rows.append((name, procs, lambda b=backend, p=procs, s=streaming, c=checkout:
+                                     packer_build(args.corpus, path, b, p, s, tmp, c)))
     else:
         print("packer build --help lists no --tokenizer-backend: packer rows skipped")
 
@@ -199,19 +219,25 @@ def main() -> None:
             secs, tok = run()
             rates.setdefault((name, procs), []).append(tok / secs / 1e6)
             tokens[(name, procs)] = tok
-            print(f"  repeat {r + 1}/{args.repeats} {name:<28} N={procs}: {tok / secs / 1e6:6.2f} Mtok/s "
+            print(f"  repeat {r + 1}/{args.repeats} {name:<38} N={procs}: {tok / secs / 1e6:6.2f} Mtok/s "
                   f"({tok:,} tokens, {secs:.2f} s)", flush=True)
     if tmp is not None:
         shutil.rmtree(tmp)
 
     print(f"\nmedians of {args.repeats} interleaved repeats (Mtok/s; min-max)")
-    print(f"{'row':<28}{'N':>3}{'Mtok/s':>9}{'min-max':>14}{'vs tiktoken':>13}{'tokens':>14}")
+    width = max(len(name) for name, _, _ in rows) + 2
+    print(f"{'row':<{width}}{'N':>3}{'Mtok/s':>9}{'min-max':>14}{'vs tiktoken':>13}{'tokens':>14}")
     for name, procs, _ in rows:
         v = rates[(name, procs)]
         limit = statistics.median(rates[("tiktoken", procs)])
         med = statistics.median(v)
-        print(f"{name:<28}{procs:>3}{med:>9.2f}{f'{min(v):.2f}-{max(v):.2f}':>14}{med / limit:>12.0%}"
+        print(f"{name:<{width}}{procs:>3}{med:>9.2f}{f'{min(v):.2f}-{max(v):.2f}':>14}{med / limit:>12.0%}"
               f"{tokens[(name, procs)]:>14,}")
+    for name, procs, _ in rows:
+        if (base := rates.get((f"{name} (baseline)", procs))) is not None:
+            ratios = [a / b for a, b in zip(rates[(name, procs)], base, strict=True)]
+            print(f"{name} N={procs} over its baseline, repeat by repeat: "
+                  f"{', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

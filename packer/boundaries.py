@@ -92,5 +92,9 @@ def eod_scan_agrees(ids: np.ndarray, seq_lens: np.ndarray, samples_per_pack: np.
     bounds = cumulative_ends(tokens, leading_zero=True)  # token offsets of the packs
     pack_last = bounds[1:][tokens > 0] - 1  # each non-empty pack's last token: a boundary for the scan either way
     expected[pack_last] = is_eod[pack_last]
-    wrong = cumulative_ends((is_eod != expected).astype(np.int64), leading_zero=True)
-    return wrong[bounds[1:]] - wrong[bounds[:-1]] == 0
+    # The few tokens where the scan and the index disagree, found without an int64 pass over every token
+    # (a cumsum of a 37M-token build's mismatches cost ~0.07 s): mark the packs that hold one.
+    wrong_at = np.flatnonzero(is_eod != expected)
+    agrees = np.ones(counts.size, dtype=bool)
+    agrees[np.searchsorted(bounds, wrong_at, side="right") - 1] = False
+    return agrees

@@ -5,7 +5,7 @@ bounded memory), and the pieces of a step profiled.
 documents) becomes ~18 rows = 36,864 tokens in ONE forward, and what the backward keeps grows with that:
 small100m holds ~0.9 GB per 2048-token row, ~16 GB for the pack, which with the weights, AdamW state and the
 backward's buffers is past the 23 GB of the benchmark machine. Logits are not the cause (train.py computes
-them only at targets in both layouts: ~40 MB per row) and neither is attention (CPU SDPA runs its flash
+them only at targets in both layouts: ~20 MB a row) and neither is attention (CPU SDPA runs its flash
 kernel, no S x S matrix is kept). Here the same rows go through the model `rows_per_chunk` at a time with
 gradient accumulation. A step of 2 packs with doc_lens [3, 5] and [2], S = 8, rows_per_chunk = 2:
 
@@ -33,7 +33,7 @@ import torch
 from packer.boundaries import cumulative_ends
 from packer.records import Pack
 from packer.trainer.attention import AttentionConfig, attention
-from packer.trainer.batching import PackOrder, collate
+from packer.trainer.batching import MicroBatch, PackOrder, collate
 from packer.trainer.model import build_model, load_model_config
 from packer.trainer.train import (
     Schedule,
@@ -80,12 +80,17 @@ def row_chunks(packs: Sequence[Pack], layout: str, rows_per_chunk: int) -> list[
 
 
 def train_chunked(
-    cfg: TrainConfig, ds, rows_per_chunk: int, profile_step: int | None = None
+    cfg: TrainConfig, ds, rows_per_chunk: int = 0, warmup_passes: int = 0, profile_step: int | None = None
 ) -> tuple[list[dict], torch.profiler.profile | None]:
-    """`train(cfg, dataset=ds)` on one CPU rank, feeding the model at most `rows_per_chunk` rows per forward.
+    """`train(cfg, dataset=ds)` on one CPU rank, feeding the model at most `rows_per_chunk` rows per forward
+    (0: all of a micro-batch's rows in one forward, as train() does).
 
-    Returns train()'s per-step records plus `chunks` (forward passes in the step) and `rows_max` (the most rows
-    one forward saw), and the torch.profiler of step index `profile_step` (0-based) if one was asked for.
+    `warmup_passes` untimed forward + backward passes over step 1's first chunk run first; their gradients
+    are dropped and no optimizer step is taken, so the weights, the data order and every step's packs stay
+    those of train(). Returns train()'s per-step records plus `cpu_s` (the process's CPU seconds in the step,
+    all threads: on a shared machine it moves less than the wall time), `chunks` (forward passes in the
+    step) and `rows_max` (the most rows one forward saw), and the torch.profiler of step index
+    `profile_step` (0-based) if one was asked for.
     """
     if cfg.dtype != "fp32" or cfg.resume or cfg.save or cfg.save_hf or cfg.device not in ("cpu", "auto"):
         raise ValueError("train_chunked measures fp32 CPU steps only: no --dtype bf16, --resume, --save, GPU")
@@ -101,41 +106,57 @@ def train_chunked(
     order = PackOrder(len(ds), cfg.micro_batch_size, cfg.seed)
     schedule = Schedule.of(cfg)
     model.train()
+
+    def micro_batches() -> list[MicroBatch]:
+        """The step's micro-batches (grad_accum of them), each cut into chunks of rows."""
+        micro = []
+        for _ in range(cfg.grad_accum):
+            packs = [ds[i] for i in order.next()]
+            groups = row_chunks(packs, layout, rows_per_chunk) if rows_per_chunk else [packs]
+            micro += [collate(g, seq_length, ds.pad_id, layout) for g in groups]
+        return micro
+
+    def loss_backward(mb: MicroBatch, scale: float) -> float:
+        at = mb.target_idx_N
+        logits_NV = model(mb.tokens_T, mb.positions_T, mb.meta, backend, logits_at=at)
+        loss = loss_sum(logits_NV, mb, cfg.loss_average, at)
+        (loss * scale).backward()
+        return float(loss.detach())  # the graph goes here, before the next chunk's forward
+
+    if warmup_passes:
+        position = order.state_dict()
+        first = micro_batches()[0]
+        order.load_state_dict(position)
+        for _ in range(warmup_passes):
+            loss_backward(first, 1.0)
+        model.zero_grad(set_to_none=True)
+
     records, prof = [], None
     for step in range(cfg.steps):
         profiling = step == profile_step
         if profiling:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             prof.__enter__()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = lr_at(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        packs = [ds[i] for _ in range(cfg.grad_accum) for i in order.next()]
-        micro = [collate(c, seq_length, ds.pad_id, layout) for c in row_chunks(packs, layout, rows_per_chunk)]
+        micro = micro_batches()
         # The whole step's count, as train.py all-reduces it before any backward.
         denom = sum(mb.num_targets if cfg.loss_average == "token" else mb.num_docs for mb in micro)
-        scale = 1.0 / max(denom, 1)
-        total = 0.0
-        for mb in micro:
-            at = mb.target_idx_N
-            logits_NV = model(mb.tokens_T, mb.positions_T, mb.meta, backend, logits_at=at)
-            loss = loss_sum(logits_NV, mb, cfg.loss_average, at)
-            (loss * scale).backward()
-            total += float(loss.detach())
-            del logits_NV, loss  # this chunk's graph goes before the next chunk's forward
+        total = sum(loss_backward(mb, 1.0 / max(denom, 1)) for mb in micro)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         if profiling:
             prof.__exit__(None, None, None)
         tokens = sum(mb.num_tokens for mb in micro)
         records.append({
             "step": step + 1, "loss": total / max(denom, 1), "tokens": tokens,
             "processed_tokens": sum(mb.tokens_T.numel() for mb in micro), "tokens_per_s": tokens / dt,
-            "lr": lr, "grad_norm": float(grad_norm), "epoch": order.epoch, "step_time_s": dt,
+            "lr": lr, "grad_norm": float(grad_norm), "epoch": order.epoch, "step_time_s": dt, "cpu_s": cpu,
             "chunks": len(micro), "rows_max": max(mb.meta.num_rows for mb in micro),
         })  # fmt: skip
     return records, prof

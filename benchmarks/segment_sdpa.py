@@ -111,10 +111,14 @@ def main() -> None:
         "--step", default=None, help="also time whole training steps of this model (tiny, small100m)"
     )
     ap.add_argument(
-        "--steps", type=int, default=3, help="with --step: steps per run, the first one a warm-up"
+        "--steps", type=int, default=2, help="with --step: measured steps per run (after one warm-up pass)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: see train_throughput.py --threads)"
     )
     ap.add_argument("--data", default=None, help="an existing build prefix instead of building Alpaca")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ds = PackedDataset(args.data or build(Path(tmp), args.seq_length))
         S, H, Hkv, D = args.seq_length, args.heads, args.kv_heads, args.head_dim
@@ -171,16 +175,17 @@ def whole_steps(ds, model: str, seq_length: int, steps: int) -> None:
     for name in ("reference", "segment_sdpa"):
         model_mod.attention = routed if name == "segment_sdpa" else original
         try:
-            recs = train_chunked(cfg, ds, rows_per_chunk=1)[0]
+            recs = train_chunked(cfg, ds, warmup_passes=1)[0]
         finally:
             model_mod.attention = original
-        seconds[name] = sum(r["step_time_s"] for r in recs[1:])
-        times = ", ".join(f"{r['step_time_s']:.1f}" for r in recs)
+        seconds[name] = sum(r["step_time_s"] for r in recs), sum(r["cpu_s"] for r in recs)
+        times = ", ".join(f"{r['step_time_s']:.1f} ({r['cpu_s']:.1f} CPU)" for r in recs)
         losses = ", ".join(f"{r['loss']:.6f}" for r in recs)
         print(f"  {model} {name:12s} step times {times} s; losses {losses}")
-    ref, new = seconds["reference"], seconds["segment_sdpa"]
+    (ref, ref_cpu), (new, new_cpu) = seconds["reference"], seconds["segment_sdpa"]
     print(
-        f"  steps 2..{steps} (step 1 warms up): reference {ref:.1f} s, segment_sdpa {new:.1f} s, {ref / new:.2f}x"
+        f"  {steps} steps after one warm-up pass: reference {ref:.1f} s ({ref_cpu:.1f} CPU-s), segment_sdpa "
+        f"{new:.1f} s ({new_cpu:.1f} CPU-s): {ref / new:.2f}x wall, {ref_cpu / new_cpu:.2f}x CPU"
     )
 
 

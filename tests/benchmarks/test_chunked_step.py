@@ -50,12 +50,20 @@ def test_row_chunks_refuse_zero_rows():
 
 
 @pytest.mark.parametrize(
-    ("attention", "rows", "loss_average"),
-    [("padded", 1, "token"), ("padded", 3, "token"), ("padded", 2, "sample"), ("varlen", 1, "token")],
+    ("attention", "rows", "loss_average", "warmup"),
+    [
+        ("padded", 1, "token", 0),
+        ("padded", 3, "token", 2),
+        ("padded", 2, "sample", 0),
+        ("varlen", 1, "token", 1),
+        ("varlen", 0, "token", 0),
+        ("blockwise", 0, "sample", 1),
+    ],
 )
-def test_chunked_step_is_the_trainers_step(attention, rows, loss_average):
+def test_chunked_step_is_the_trainers_step(attention, rows, loss_average, warmup):
     """Loss and pre-clip grad norm per step equal train()'s over 3 steps, so the weights after each step do
-    too; a chunk loss divided by its own target count instead of the step's would move the grad norm."""
+    too; a chunk loss divided by its own target count instead of the step's would move the grad norm, and
+    warm-up passes that left a gradient behind or consumed packs would move both."""
     ds = FakePackedDataset(n_packs=8)
     cfg = TrainConfig(
         data="unused",
@@ -66,13 +74,17 @@ def test_chunked_step_is_the_trainers_step(attention, rows, loss_average):
         **STEP,
     )
     want = train(cfg, dataset=ds)
-    got, prof = chunked_step.train_chunked(cfg, ds, rows)
+    got, prof = chunked_step.train_chunked(cfg, ds, rows, warmup_passes=warmup)
     assert prof is None
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
     assert [r["processed_tokens"] for r in got] == [r["processed_tokens"] for r in want]
     assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
-    assert all(r["rows_max"] <= rows and r["chunks"] > 1 for r in got)
+    if rows:
+        assert all(r["rows_max"] <= rows and r["chunks"] > 2 for r in got)
+    else:  # one forward per micro-batch, as train() runs it
+        assert all(r["rows_max"] == 2 and r["chunks"] == 2 for r in got)
+    assert all(r["cpu_s"] > 0 for r in got)
 
 
 def test_profile_step_returns_the_profiler():

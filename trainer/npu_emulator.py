@@ -224,9 +224,7 @@ def _check_call(
     if sparse_mode == 0:
         if atten_mask is not None:
             raise NpuArgumentError("emulated sparse_mode=0 takes no atten_mask (full attention within segments)")
-        starts_q, starts_k = [0, *q_ends[:-1]], [0, *kv_ends[:-1]]
-        lq = max(b - a for a, b in zip(starts_q, q_ends, strict=True))
-        lk = max(b - a for a, b in zip(starts_k, kv_ends, strict=True))
+        lk = max(b - a for a, b in zip([0, *kv_ends[:-1]], kv_ends, strict=True))
         # defaultMask with a band: query i sees key j iff i - pre <= j <= i + next (top-left); the emulated
         # subset is the band that covers every key, which is how MindSpeed's ring passes it (pre = next = Tk)
         if pre_tockens < lk or next_tockens < lk:
@@ -234,7 +232,6 @@ def _check_call(
                 f"emulated sparse_mode=0 needs pre_tockens and next_tockens >= the longest key segment ({lk}), "
                 f"got {pre_tockens} and {next_tockens}; a narrower band is outside the emulated subset"
             )
-        del lq
         return _cross_mask(q_ends, kv_ends).to(query.device), N1, N2
     _check_mask(atten_mask, sparse_mode)
     if q_ends != kv_ends:

@@ -140,13 +140,8 @@ def npu_fusion_attention(
     )  # fmt: skip
     if softmax_layout != "":
         raise NpuArgumentError(f"softmax_layout {softmax_layout!r} is outside the emulated subset; pass ''")
-    G = N1 // N2
     T = query.shape[0]
-    q = query.float().transpose(0, 1)  # (N1, Tq, D)
-    k = key.float().repeat_interleave(G, dim=1).transpose(0, 1)  # (N1, Tk, D)
-    v = value.float().repeat_interleave(G, dim=1).transpose(0, 1)
-    scores = (q @ k.transpose(1, 2)) * float(scale)
-    scores = scores.masked_fill(~keep, float("-inf"))
+    q, k, v, scores = _scores(query, key, value, keep, scale, N1 // N2)
     softmax_max = scores.amax(dim=-1, keepdim=True)  # (N1, Tq, 1); every row keeps at least one key
     probs = torch.exp(scores - softmax_max)
     softmax_sum = probs.sum(dim=-1, keepdim=True)
@@ -161,6 +156,14 @@ def npu_fusion_attention(
         0,
         0,
     )
+
+
+def _scores(query, key, value, keep, scale, G: int):
+    """fp32 q (N1, Tq, D), k/v repeated to the query heads (N1, Tk, D), and the masked scores (N1, Tq, Tk)."""
+    q = query.float().transpose(0, 1)
+    k = key.float().repeat_interleave(G, dim=1).transpose(0, 1)
+    v = value.float().repeat_interleave(G, dim=1).transpose(0, 1)
+    return q, k, v, ((q @ k.transpose(1, 2)) * float(scale)).masked_fill(~keep, float("-inf"))
 
 
 def _check_call(
@@ -307,12 +310,9 @@ def npu_fusion_attention_grad(
     if softmax_in is not None:
         raise NpuArgumentError("softmax_in is outside the emulated subset; pass None")
     G = N1 // N2
-    q = query.float().transpose(0, 1)  # (N1, Tq, D)
-    k = key.float().repeat_interleave(G, dim=1).transpose(0, 1)  # (N1, Tk, D)
-    v = value.float().repeat_interleave(G, dim=1).transpose(0, 1)
+    q, k, v, scores = _scores(query, key, value, keep, scale_value, G)
     do = dy.float().transpose(0, 1)
     o = attention_in.float().transpose(0, 1)
-    scores = ((q @ k.transpose(1, 2)) * float(scale_value)).masked_fill(~keep, float("-inf"))
     m = softmax_max[..., 0].transpose(0, 1)[..., None]  # (N1, Tq, 1)
     den = softmax_sum[..., 0].transpose(0, 1)[..., None]
     p = torch.exp(scores - m) / den

@@ -35,6 +35,7 @@ Step kernels (`StepKernel`): `reference` (exact fp32, any device; the CPU path),
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -464,6 +465,8 @@ class _RingAttention(torch.autograd.Function):
                     acc.index_add_(0, k_rows, d)
             # The block (and its gradient so far) moves on; after the last step only the gradient travels,
             # one more hop, home to the rank that owns the block.
+            if N == 1:  # no ring: the block never left home
+                break
             recv, reqs = ring.exchange(dkv if s == N - 1 else [*kv, *dkv])
             _wait(reqs)
             if s == N - 1:
@@ -547,9 +550,7 @@ def shard_micro_batch(mb, ring: Ring):
     and documents on cp rank 0 only; `segment_targets_S` holds each document's target count over the WHOLE
     micro-batch, which --loss-average sample needs for a document split across ranks.
     """
-    import dataclasses
-
-    from packer.trainer.batching import IGNORE_INDEX
+    from packer.trainer.batching import IGNORE_INDEX  # batching imports attention, which imports this module
 
     seg_lens = np.diff(mb.meta.cu_seqlens.cpu().numpy())
     layout = zigzag_layout(seg_lens, ring.size, ring.cp_rank)

@@ -49,7 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "tokenizers"
 BATCH = 512
 # HF's ByteLevel pre-tokenizer regex (tokenizers/src/pre_tokenizers/byte_level.rs), used when use_regex is true
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -148,11 +149,15 @@ def packer_has_backend() -> bool:
 def packer_build(corpus: Path, path: str, backend: str, procs: int, streaming: bool, out: Path,
                  checkout: str | None = None) -> tuple[float, int]:
     """(seconds.total, counts.tokens) of one `packer build`; `checkout`: the repository to run it from."""
-    cmd = [sys.executable, "-m", "packer.cli", "build", "--handler", "text", "--input", str(corpus), "--tokenizer",
-           path, "--tokenizer-backend", backend, "--seq-length", "2048", "--output-prefix", str(out / "b"),
-           "--workers", str(procs), "--json-summary", "-q"] + (["--streaming"] if streaming else [])
-    env = None if checkout is None else os.environ | {"PYTHONPATH": checkout}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = out.resolve()
+    cmd = [sys.executable, "-m", "packer.cli", "build", "--handler", "text", "--input", str(corpus.resolve()),
+           "--tokenizer", str(Path(path).resolve()), "--tokenizer-backend", backend, "--seq-length", "2048",
+           "--output-prefix", str(out / "b"), "--workers", str(procs), "--json-summary", "-q"]
+    cmd += ["--streaming"] if streaming else []
+    # Run from `out`, with the checkout (default: this one) first on PYTHONPATH: `python -m` puts the working
+    # directory before PYTHONPATH, so a run from a checkout would import that checkout's packer whatever is asked.
+    env = os.environ | {"PYTHONPATH": str(Path(checkout or REPO).resolve())}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out)
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
     s = json.loads(p.stdout)

@@ -121,11 +121,27 @@ def section(
     }
 
 
+def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """`np.percentile(values, qs)` (its default "linear" method), the same floats, of a non-empty 1-D array
+    of integers: np.percentile's np.unique imports numpy.ma, 26 ms of every build's start-up."""
+    a = np.sort(np.asarray(values))
+    n = a.size
+    at = (n - 1) * (np.asarray(qs, dtype=np.float64) / 100)
+    lo = np.floor(at).astype(np.intp)
+    lo[at >= n - 1] = n - 1
+    hi = np.minimum(lo + 1, n - 1)
+    gamma = at - lo
+    below, above = a[lo], a[hi]
+    diff = above - below
+    # numpy's _lerp: from the lower neighbour, or from the upper one where gamma >= 0.5 (the same rounding)
+    return np.where(gamma >= 0.5, above - diff * (1 - gamma), below + diff * gamma)
+
+
 def attention_summary(costs: np.ndarray, multiple: int) -> dict[str, Any]:
     """The manifest's `attention_cost` section from the per-pack costs (int64, (packs,)): a pack's cost is the sum
     of its samples' squared padded lengths (causal attention scores about half of that in query-key pairs)."""
     costs = np.asarray(costs, dtype=np.int64)
-    q = np.percentile(costs, [50, 99]) if costs.size else np.zeros(2)
+    q = percentiles(costs, (50, 99)) if costs.size else np.zeros(2)
     return {
         "multiple": int(multiple),
         "total": int(costs.sum()),

@@ -267,10 +267,11 @@ class RecordEncoder:
             ids, mask, lengths = self.encoder.encode_flat(segments)
         if lengths.size and lengths.max() > self.config.seq_length:  # rare: apply --overflow per sample
             ids, mask, lengths = self._fit_all(kept, ids, mask, lengths, c)
-        c.samples, c.tokens, c.target_tokens = len(lengths), int(lengths.sum()), int(mask.sum())
+        # (count_nonzero: a mask is 0/1, and a uint8 sum widens every byte first; 3-5x slower)
+        c.samples, c.tokens, c.target_tokens = len(lengths), int(lengths.sum()), int(np.count_nonzero(mask))
         if lengths.size:
             is_eod = ids == self.info.eod_id
-            c.interior_eod = int(is_eod.sum()) - int(is_eod[np.cumsum(lengths) - 1].sum())
+            c.interior_eod = int(np.count_nonzero(is_eod)) - int(np.count_nonzero(is_eod[np.cumsum(lengths) - 1]))
         # In the output's dtype already: a quarter of the bytes to send back for a < 65536 vocabulary.
         return Chunk(ids.astype(self.dtype), mask, lengths, rejects, c)
 

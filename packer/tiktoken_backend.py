@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,43 @@ class TiktokenEncoder:
     encoding: Any  # tiktoken.Encoding
     nfc: bool  # the tokenizer normalizes to NFC: texts that are not NFC must go to `tokenizers`
     token_bytes: np.ndarray  # (vocab,) int64: bytes of each id (special tokens: their UTF-8 text)
+    special: dict[str, int] = field(default_factory=dict)  # the added tokens: text -> id
 
     def accepts(self, text: str) -> bool:
         return not self.nfc or unicodedata.is_normalized("NFC", text)
+
+    @property
+    def joiner(self) -> str | None:
+        """The special token `encode_flat` joins a batch's texts at, or None (there is none)."""
+        return next(iter(self.special), None)
+
+    def encode_joined(self, texts: list[str], joiner: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids int64, where): every text's ids followed by `joiner`'s id, from ONE encode of the texts joined at
+        that special token (and one after the last); `where` is the index of each text's joiner. None where the
+        joined ids are not those of the texts encoded one by one: encode them so.
+
+            texts ["Hi", "", "yo"], joiner "<|endoftext|>"  ->  ids [17250, 50256, 50256, 8226, 50256], where [1, 2, 4]
+
+        tiktoken splits at special tokens before anything else and encodes the text between two on its own (its
+        regex and BPE see only that text), so each text's ids are its own. What could differ is a special-token
+        match that runs across a boundary (a special that ends with the joiner's first characters or begins with
+        the joiner, or a joiner whose end can begin it again, "~~" after "a~"): then the token at some text's end is
+        not its joiner, starting exactly where the text ends in bytes, which is checked.
+        One call per batch instead of one per text: 14-16% less CPU over 100k texts (per-call conversions)."""
+        if not texts:
+            return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+        nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), np.int64,
+                             len(texts))
+        ids = self.encoding.encode_to_numpy(joiner.join(texts) + joiner,
+                                            allowed_special=self.encoding.special_tokens_set,
+                                            disallowed_special=()).astype(np.int64)  # (an intp index is 3x faster)
+        ends = np.cumsum(self.token_bytes[ids])
+        width = len(joiner.encode("utf-8"))
+        at = np.cumsum(nbytes + width)  # where each text's joiner ends, in bytes
+        where = np.searchsorted(ends, at - width, side="right")  # the token holding each joiner's first byte
+        if where[-1] >= ids.size or not ((ids[where] == self.special[joiner]).all() and (ends[where] == at).all()):
+            return None
+        return ids, where
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One call per text: Encoding.encode_batch hands every text to a thread pool (a future per text), which
@@ -71,7 +105,14 @@ class TiktokenEncoder:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids of all texts back to back, int64; ids per text): the same ids as `encode_batch`, without Python
-        ints in between (encode_to_numpy wraps tiktoken's own buffer; 10-15% less time than lists here)."""
+        ints in between (encode_to_numpy wraps tiktoken's own buffer; 10-15% less time than lists here), in one
+        call for the batch where `encode_joined` can."""
+        joiner = self.joiner
+        if joiner is not None and (joined := self.encode_joined(texts, joiner)) is not None:
+            ids, where = joined
+            keep = np.ones(ids.size, dtype=bool)
+            keep[where] = False
+            return ids[keep], np.diff(where, prepend=-1) - 1
         encode, allowed = self.encoding.encode_to_numpy, self.encoding.special_tokens_set
         arrays = [encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
         counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
@@ -165,18 +206,25 @@ def _build(tokenizer_file: Path, tokenizer) -> tuple[TiktokenEncoder | None, str
         return None, "the pre-tokenizer is not ByteLevel with a regex, or one Split regex + ByteLevel"
     decode = byte_decoder()
     vocab = spec["model"]["vocab"]
-    if not set("".join(vocab)) <= decode.keys():
+    tokens = list(vocab)
+    text = "".join(tokens)
+    if not set(text) <= decode.keys():
         return None, "a vocabulary entry is not in the byte-level alphabet"
-    # Each alphabet character -> the character of its byte, then latin-1: one C call per entry (a generator of
-    # bytes per entry took 0.15 s for GPT-2's 50k and 0.5 s for a 150k vocabulary at every start).
-    to_byte = str.maketrans({c: chr(b) for c, b in decode.items()})
-    ranks = {token.translate(to_byte).encode("latin-1"): rank for token, rank in vocab.items()}
+    # Every alphabet character is one byte: translate the whole vocabulary at once, then cut it at the entries'
+    # lengths (one C call per entry took 0.04-0.07 s of every start for GPT-2's 50k; a generator per entry 0.15 s).
+    blob = text.translate(str.maketrans({c: chr(b) for c, b in decode.items()})).encode("latin-1")
+    widths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    ends = np.cumsum(widths).tolist()
+    pieces = [blob[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+    ranks = dict(zip(pieces, ids.tolist(), strict=True))
     if len(ranks) != len(vocab):
         return None, "two vocabulary entries spell the same bytes"
     # Added tokens are matched in the text before any splitting, as tokenizers does: tiktoken's special tokens.
     special = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-    special_ids = set(special.values())
-    ranks = {b: r for b, r in ranks.items() if r not in special_ids}
+    is_special = np.isin(ids, list(special.values()))
+    for j in np.flatnonzero(is_special).tolist():
+        del ranks[pieces[j]]
     try:
         encoding = tiktoken.Encoding(name=f"packer:{Path(tokenizer_file).name}", pat_str=pattern,
                                      mergeable_ranks=ranks, special_tokens=special)
@@ -186,11 +234,10 @@ def _build(tokenizer_file: Path, tokenizer) -> tuple[TiktokenEncoder | None, str
         return None, f"tiktoken refuses the file ({type(e).__name__}: {str(e)[:120]})"
     size = max([*ranks.values(), *special.values()]) + 1
     token_bytes = np.zeros(size, dtype=np.int64)
-    for b, rank in ranks.items():
-        token_bytes[rank] = len(b)
-    for text, i in special.items():
-        token_bytes[i] = len(text.encode("utf-8"))
-    enc = TiktokenEncoder(encoding, nfc=spec.get("normalizer") is not None, token_bytes=token_bytes)
+    token_bytes[ids[~is_special]] = widths[~is_special]
+    for content, i in special.items():
+        token_bytes[i] = len(content.encode("utf-8"))
+    enc = TiktokenEncoder(encoding, nfc=spec.get("normalizer") is not None, token_bytes=token_bytes, special=special)
     specials = " ".join(list(special)[:8])
     probes = [p for p in (*PROBES, specials, f"a{specials}b") if enc.accepts(p)]
     return _probe(enc, tokenizer, probes)

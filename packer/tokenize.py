@@ -331,6 +331,27 @@ class SampleEncoder:
             last_char[is_text] = text_last
         return ids, lengths, last_char, is_text
 
+    def _twin_encode_ended(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """`encode_flat` of texts that are all target, where the EOD is a special token and the post-processor
+        adds nothing (GPT-2, Qwen and such with the text handler): the texts joined at the EOD and encoded in one
+        call (`TiktokenEncoder.encode_joined`) are the samples already, each ended by its EOD. None: not so here.
+        As below, a text that ends with the EOD itself (a special token) gets no second one."""
+        eod = self.info.eod_id
+        if (self._head_ids or self._tail_ids or self.info.bos_id is not None
+                or self.twin.special.get(self.info.eod_token) != eod):
+            return None
+        joined = self.twin.encode_joined(texts, self.info.eod_token)
+        if joined is None:
+            return None
+        ids, where = joined
+        lengths = np.diff(where, prepend=-1)
+        if self.info.eod_special:
+            ended = (lengths > 1) & (ids[where - 1] == eod)  # (where - 1 >= 0 wherever lengths > 1)
+            if ended.any():
+                ids = np.delete(ids, where[ended])
+                lengths = lengths - ended
+        return ids, np.ones(ids.size, dtype=np.uint8), lengths
+
     def encode_flat(self, batch: Sequence[Sequence[Segment]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, loss mask, lengths) of the whole batch, concatenated; the same samples `encode_batch` gives.
 
@@ -346,6 +367,8 @@ class SampleEncoder:
         char_base = np.cumsum(text_lens) - text_lens  # where each text starts on one global character axis
         fast = False
         if self.twin is not None and all(map(self.twin.accepts, texts)):
+            if all_target and (done := self._twin_encode_ended(texts)) is not None:
+                return done
             ids, lengths, last_char, covers_text = self._twin_encode(texts, need_chars=not all_target)
         else:
             # Without offsets, the tokens the post-processor added are found by position: its fixed prefix/suffix.

@@ -10,6 +10,8 @@ build would write for the same packs.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from tqdm import tqdm
 
@@ -82,12 +84,21 @@ def write_global(plan: PackPlan, lengths: np.ndarray, spill: SampleSpill, out: P
         by_tokens = int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + chunk_tokens, side="right"))
         by_samples = int(np.searchsorted(plan.offsets, plan.offsets[p0] + chunk_samples, side="right")) - 1
         groups.append(max(p0 + 1, min(by_tokens, by_samples, plan.num_packs)))
+    spans = list(zip(groups[:-1], groups[1:], strict=False))
     with (tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar,
-          spill.reader() as spilled):
-        for p0, p1 in zip(groups[:-1], groups[1:], strict=False):
+          spill.reader() as spilled, ThreadPoolExecutor(1, thread_name_prefix="packer-gather") as reader):
+
+        def gather(p0: int, p1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             members = plan.order[plan.offsets[p0] : plan.offsets[p1]]
-            seq_lens = lengths[members]
-            ids, mask = spilled.gather(starts[members], seq_lens)
+            return (*spilled.gather(starts[members], lengths[members]), lengths[members])
+
+        # The next group is read while this one is written: the reads (a pread per sample) and the writes and
+        # checksums release the GIL, so the two overlap (write phase 0.32-0.39 s -> ... s, 100k texts).
+        ahead = reader.submit(gather, *spans[0]) if spans else None
+        for k, (p0, p1) in enumerate(spans):
+            ids, mask, seq_lens = ahead.result()
+            if k + 1 < len(spans):
+                ahead = reader.submit(gather, *spans[k + 1])
             out.add(ids, mask, seq_lens, np.diff(plan.offsets[p0 : p1 + 1]))
             bar.update(p1 - p0)
 

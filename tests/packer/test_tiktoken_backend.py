@@ -124,3 +124,66 @@ def test_explicit_tiktoken_on_a_tokenizer_it_cannot_reproduce_fails_clearly(tmp_
     prefix = _build(tmp_path, "llama2", "alpaca", ALPACA, "auto")
     cfg = read_manifest(prefix)["config"]
     assert cfg["tokenizer_backend_effective"] == "hf" and "byte_fallback" in cfg["tokenizer_backend_note"]
+
+
+def _one_by_one(twin, texts):
+    """The reference: one tiktoken call per text."""
+    arrays = twin.encode_batch(texts)
+    return (np.asarray([i for ids in arrays for i in ids], dtype=np.int64),
+            np.asarray([len(ids) for ids in arrays], dtype=np.int64))
+
+
+def _boundary_texts(specials: list[str]) -> list[str]:
+    """Texts that end or begin with special tokens, halves of them, and the empty text, beside ordinary ones."""
+    out = ["", "plain", " ", "\n", "x"]
+    for s in specials[:6]:
+        half = len(s) // 2
+        out += [s, f"ends with {s}", f"{s} begins", s[:half], s[half:], f"a{s[:half]}", f"{s[half:]}b", s + s, ""]
+    return out
+
+
+@pytest.mark.parametrize("name", QUALIFYING)
+def test_one_call_per_batch_gives_the_ids_of_one_call_per_text(name):
+    """`encode_joined` (texts joined at a special token, one call) against one call per text, with texts that
+    end, begin or are special tokens or halves of them; and the samples of the all-target fast path (joined at
+    the EOD, which it keeps) against tokenizers'."""
+    path = tokenizer_file(name)
+    tok, info = load_tokenizer(path.parent)
+    twin, why = tiktoken_backend.load(path, tok)
+    assert twin is not None, why
+    texts = [*HARD_TEXTS, *_boundary_texts(list(twin.special)), *(r["output"] for r in read_records(ALPACA)[:40])]
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        batch = [texts[i] for i in rng.permutation(len(texts))]
+        for got, want in zip(twin.encode_flat(batch), _one_by_one(twin, batch), strict=True):
+            np.testing.assert_array_equal(got, want)
+        joined = twin.encode_joined(batch, info.eod_token) if info.eod_token in twin.special else None
+        if joined is not None:
+            ids, where = joined
+            assert (ids[where] == twin.special[info.eod_token]).all() and where.size == len(batch)
+        segments = [[Segment(t, target=True)] for t in batch]
+        hf, tt = SampleEncoder(tok, info), SampleEncoder(tok, info, twin=twin)
+        for got, want in zip(tt.encode_flat(segments), hf.encode_flat(segments), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_special_token_across_a_boundary_falls_back_to_one_call_per_text(make_tokenizer):
+    """A special token that begins inside one text and runs into the joiner ("x<|end" before "<|endoftext|>"),
+    or that begins with the joiner ("<|endoftext|>!"), would change the joined ids: the byte check sees it, and
+    the batch is encoded one text at a time, as tokenizers encodes it."""
+    d = make_tokenizer(["<|endoftext|>", "x<|end", "<|endoftext|>!", "~~"])
+    tok, info = load_tokenizer(d)
+    twin, why = tiktoken_backend.load(d / "tokenizer.json", tok)
+    assert twin is not None, why
+    for batch in (["ax", "b"], ["a", "!b"], ["ax", "!b", ""]):
+        assert twin.encode_joined(batch, "<|endoftext|>") is None
+        for got, want in zip(twin.encode_flat(batch), _one_by_one(twin, batch), strict=True):
+            np.testing.assert_array_equal(got, want)
+        segments = [[Segment(t, target=True)] for t in batch]
+        hf, tt = SampleEncoder(tok, info), SampleEncoder(tok, info, twin=twin)
+        for got, want in zip(tt.encode_flat(segments), hf.encode_flat(segments), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert twin.encode_joined(["a", "b"], "<|endoftext|>") is not None
+    # A joiner whose end can begin it again ("~~" after a text ending with "~") matches one byte early: the
+    # token has the joiner's id, but not its place.
+    assert twin.encode_joined(["a~", "b"], "~~") is None and twin.encode_joined(["a", "b"], "~~") is not None

@@ -11,6 +11,9 @@ Every row tokenizes the same texts (the `text` field of each line) in the same r
     tiktoken    `Encoding.encode(text, allowed_special=<all>)` per text (encode_batch's per-text thread-pool futures
                 cost more than the tokenizing) on an Encoding built from the
                 same tokenizer.json (byte-level ranks, the pre-tokenizer's split pattern, its special tokens)
+    tiktoken-joined (only with --bare tiktoken-joined) `encode_to_numpy` once per batch, on the batch's texts
+                joined at a special token, as packer calls it (packer/tiktoken_backend.py `encode_joined`): the
+                same ids, without the per-call conversions
 
 These run in N fork-started processes with an initializer that loads the tokenizer, over batches of 512 texts
 already in memory (each worker reads them from the parent's copy; only the batch number and a count cross the
@@ -94,6 +97,16 @@ def tiktoken_encoding(path: str):
 
 def _init(kind: str, path: str) -> None:
     global _encode
+    if kind == "tiktoken-joined":
+        enc = tiktoken_encoding(path)
+        joiner = next(iter(enc.special_tokens_set))
+
+        def _encode(batch):
+            # packer's call: one per batch, the texts joined at a special token; the joiners are not counted
+            ids = enc.encode_to_numpy(joiner.join(batch) + joiner, allowed_special=enc.special_tokens_set,
+                                      disallowed_special=())
+            return [range(ids.size - len(batch))]
+        return
     if kind == "tiktoken":
         enc = tiktoken_encoding(path)
 

@@ -36,6 +36,20 @@ class TextHandler:
     def template_text(self) -> str:
         return SEPARATOR
 
+    def batch(self, records: list[Any]) -> list[list[Segment]] | None:
+        """`[self(r) for r in records]` where every record is an object whose one key holds a non-blank string
+        (the common case, without the per-record checks); None where any is not: ask each record then."""
+        if len(self.keys) != 1:
+            return None
+        column = self.columns.column(self.keys[0])
+        try:
+            texts = [r[column] for r in records if type(r) is dict]
+        except KeyError:
+            return None
+        if len(texts) != len(records) or not all(type(t) is str and t and not t.isspace() for t in texts):
+            return None
+        return [[Segment(t, target=True)] for t in texts]
+
     def __call__(self, record: Mapping[str, Any]) -> list[Segment]:
         if len(self.keys) == 1:  # fast path for the common case; anything unusual takes the checked path
             value = record.get(self.columns.column(self.keys[0])) if isinstance(record, Mapping) else None

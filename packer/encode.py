@@ -228,10 +228,13 @@ class RecordEncoder:
             rejects.append({"source": rec.source, "record": rec.number, "line": rec.line, "field": e.field,
                             "error": e.message, "data": _storable(rec, data)})
 
+        datas = [rec.parsed() for rec in records]
+        batch = getattr(self.handler, "batch", None)  # the whole batch at once, where every record is plain
+        if batch is not None and (segments := batch(datas)) is not None:
+            return self._tokenized(segments, records, datas, c, rejects, reject)
         segments, kept, kept_data = [], [], []
         list_field = getattr(self.handler, "list_field", None)
-        for rec in records:
-            data = rec.parsed()
+        for rec, data in zip(records, datas, strict=True):
             if list_field and isinstance(data, list):  # a bare list of messages
                 data = {list_field: data}
             try:
@@ -249,6 +252,11 @@ class RecordEncoder:
                     reject(rec, data, e)
             except RecordError as e:
                 reject(rec, data, e)
+        return self._tokenized(segments, kept, kept_data, c, rejects, reject)
+
+    def _tokenized(self, segments: list, kept: list[RawRecord], kept_data: list, c: Counters, rejects: list[dict],
+                   reject) -> Chunk:
+        """The Chunk of the handled records' segments (`kept`: their records, `kept_data`: their values)."""
         try:
             ids, mask, lengths = self.encoder.encode_flat(segments)
         except MemoryError:

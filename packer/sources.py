@@ -84,10 +84,16 @@ class LineBlock:
 
     def records(self) -> list[RawRecord]:
         """This shard's records of the block."""
+        lines = self.data.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()  # after the last line's \n
+        if self.num_shards == 1 and len(lines) == self.num_records:  # no blank line: every line is a record
+            new, source, number, line_no = tuple.__new__, self.source, self.first_record, self.first_line
+            return [new(RawRecord, (source, number + j, line_no + j, line, True)) for j, line in enumerate(lines)]
         out = []
         number, index = self.first_record, self.first_index
         k, i = self.num_shards, self.shard_index
-        for line_no, line in enumerate(self.data.split(b"\n"), start=self.first_line):
+        for line_no, line in enumerate(lines, start=self.first_line):
             if _blank(line):
                 continue
             if k == 1 or index % k == i:

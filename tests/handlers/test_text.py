@@ -49,3 +49,28 @@ def test_map_keys_and_json_keys_both_rename():
     assert handle(record, map_keys={"text": "content"}) == handle(record, json_keys=("content",))
     with pytest.raises(RecordError, match="--map-keys"):
         handle(record)
+
+
+@pytest.mark.parametrize("records", [
+    [{"text": "a"}, {"text": " b "}, {"text": "c", "other": 1}],
+    [{"text": "a"}, {"text": ""}],
+    [{"text": "a"}, {"text": "  \n"}],
+    [{"text": "a"}, {"text": None}],
+    [{"text": "a"}, {"text": 5}],
+    [{"text": "a"}, {"body": "b"}],
+    [{"text": "a"}, ["text"]],
+    [{"text": "a"}, "text"],
+    [],
+])
+def test_batch_is_every_record_handled_or_none(records):
+    """`batch` (the fast path for a whole batch) gives what calling the handler on each record gives, or None
+    where some record is not plain; the per-record call then says why."""
+    h = get_handler("text", HandlerOptions())
+    got = h.batch(records)
+    if got is not None:
+        assert got == [h(r) for r in records]
+        return
+    assert records[-1] != {"text": " b "}  # the plain batch above must take the fast path
+    with pytest.raises((RecordError, AttributeError, TypeError)):
+        [h(r) for r in records]  # noqa: B018
+    assert get_handler("text", HandlerOptions(json_keys=("title", "text"))).batch([{"title": "t", "text": "x"}]) is None

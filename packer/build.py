@@ -16,8 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from packer import __version__, cp
 from packer.config import BuildConfig, BuildError
 from packer.encode import Counters, RecordEncoder
@@ -25,6 +23,7 @@ from packer.manifest import FORMAT, LOSS_MASK_SUFFIX
 from packer.output import OutputConflict, OutputSet
 from packer.packing import pack
 from packer.pool import encoded_chunks
+from packer.progress import bar as progress_bar
 from packer.sources import check_inputs, count_records, read_batches
 from packer.spill import SampleSpill
 from packer.write import PackWriter, WindowWriter, write_global
@@ -79,8 +78,7 @@ def build(config: BuildConfig, progress: bool = True) -> BuildResult:
         raise BuildError(str(e)) from e
     with (output as out,
           encoded_chunks(config, batches, main) as chunks,
-          tqdm(total=total, unit="rec", desc="tokenize", disable=not progress, dynamic_ncols=True,
-               smoothing=0.1) as bar):
+          progress_bar(progress, total=total, unit="rec", desc="tokenize", dynamic_ncols=True, smoothing=0.1) as bar):
         writer = PackWriter(out.dataset("", main.dtype), out.dataset(LOSS_MASK_SUFFIX, "uint8"), main.info.eod_id,
                             config.pad_multiple)
 

@@ -19,8 +19,7 @@ import numpy as np
 
 from packer import __version__
 from packer.aliases import BuildCommand, megatron_flags
-from packer.config import EMPTY_RESPONSE, ON_ERROR, TOKENIZER_BACKENDS
-from packer.export import TARGETS as EXPORT_TARGETS
+from packer.config import EMPTY_RESPONSE, EXPORT_TARGETS, ON_ERROR, TOKENIZER_BACKENDS
 from packer.handlers import HANDLERS, template_names
 from packer.overflow import POLICIES
 from packer.packing import ALGORITHMS

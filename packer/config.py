@@ -13,6 +13,7 @@ from packer.packing import ALGORITHMS
 ON_ERROR = ("fail", "skip")
 EMPTY_RESPONSE = ("skip", "keep", "fail")  # records with an empty answer: not a sample, kept, or a record error
 TOKENIZER_BACKENDS = ("auto", "hf", "tiktoken")
+EXPORT_TARGETS = ("mindspeed", "bridge", "hf")  # `packer export --to` (packer/export)
 
 
 class BuildError(Exception):

@@ -13,13 +13,13 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from tqdm import tqdm
 
 from packer.balance import pack_attention_costs
 from packer.boundaries import eod_scan_agrees, pack_tokens
 from packer.cp import padded_lengths
 from packer.indexed import IndexedDatasetWriter
 from packer.packing import PackPlan, PackStats
+from packer.progress import bar as progress_bar
 from packer.spill import SampleSpill
 from packer.window import Packs, WindowPacker
 
@@ -85,7 +85,7 @@ def write_global(plan: PackPlan, lengths: np.ndarray, spill: SampleSpill, out: P
         by_samples = int(np.searchsorted(plan.offsets, plan.offsets[p0] + chunk_samples, side="right")) - 1
         groups.append(max(p0 + 1, min(by_tokens, by_samples, plan.num_packs)))
     spans = list(zip(groups[:-1], groups[1:], strict=False))
-    with (tqdm(total=plan.num_packs, unit="pack", desc="write", disable=not progress, dynamic_ncols=True) as bar,
+    with (progress_bar(progress, total=plan.num_packs, unit="pack", desc="write", dynamic_ncols=True) as bar,
           spill.reader() as spilled, ThreadPoolExecutor(1, thread_name_prefix="packer-gather") as reader):
 
         def gather(p0: int, p1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from packer import __version__
+from packer.config import EXPORT_TARGETS
 from packer.dataset import PackedDataset
 from packer.manifest import manifest_path, sha256_file
 from packer.output import OutputConflict, OutputSet
 
 FORMAT = "packer.export.v1"
-TARGETS = ("mindspeed", "bridge", "hf")
+TARGETS = EXPORT_TARGETS
 
 
 class ExportError(ValueError):

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from packer import __version__, cp
 from packer.indexed import IndexedDataset, IndexedDatasetWriter
@@ -28,6 +27,7 @@ from packer.manifest import (
 )
 from packer.output import OutputConflict, OutputSet
 from packer.packing import PackStats
+from packer.progress import bar as progress_bar
 from packer.verify import verify
 
 _TOKENS_PER_COPY = 1 << 24
@@ -101,7 +101,7 @@ def merge(out_prefix: str, in_prefixes: list[str], progress: bool = False, allow
     except OutputConflict as e:
         raise MergeError(str(e)) from e
     with (output as out,
-          tqdm(total=total, unit="tok", unit_scale=True, desc="merge", disable=not progress) as bar):
+          progress_bar(progress, total=total, unit="tok", unit_scale=True, desc="merge") as bar):
         tok_w, mask_w = out.dataset("", dtype), out.dataset(LOSS_MASK_SUFFIX, np.uint8)
         for prefix, m in zip(in_prefixes, manifests, strict=True):
             tok, mask = IndexedDataset(prefix), IndexedDataset(loss_mask_prefix(prefix))

@@ -238,11 +238,15 @@ def open_dataset(prefix: str):
 def train(cfg: TrainConfig, dataset=None) -> list[dict]:
     """Run cfg.steps optimizer steps (continuing from cfg.resume); returns the per-step log records."""
     ddp, device = init_distributed(cfg.device)
-    try:
-        return _train(cfg, dataset if dataset is not None else open_dataset(cfg.data), ddp, device)
-    finally:
-        if ddp.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    # On an error, no collective teardown: the other ranks may wait in a collective this rank never joins, and a
+    # destroy would hang with them; the launcher ends them once this rank exits with the error.
+    records = _train(cfg, dataset if dataset is not None else open_dataset(cfg.data), ddp, device)
+    if ddp.world_size > 1 and dist.is_initialized():
+        # Every rank reaches the end before any tears its connections down (CI once saw rank 1 of a 2-rank gloo run
+        # abort at the end, "terminate called without an active exception", while rank 0 finished).
+        dist.barrier()
+        dist.destroy_process_group()
+    return records
 
 
 def pack_costs(ds, multiple: int = 1) -> np.ndarray:

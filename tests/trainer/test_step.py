@@ -47,13 +47,18 @@ def test_two_ranks_give_the_gradient_of_one_rank_accumulating(tmp_path):
     script, log = tmp_path / "worker.py", tmp_path / "ddp.jsonl"
     script.write_text(textwrap.dedent(DDP_WORKER).replace("{STEP}", repr(STEP)))
     tests_dir = str(Path(__file__).parent)
-    proc = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--standalone", str(script), tests_dir, str(log)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=180,
-    )
+    for attempt in range(2):
+        proc = subprocess.run(
+            [torchrun, "--nproc-per-node", "2", "--standalone", str(script), tests_dir, str(log)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=180,
+        )
+        # One more try only for gloo's rare abort of a rank at a run's end (seen once in CI; not in 110 runs here,
+        # 30 of them under full CPU load); any other failure, or that one twice, fails the test.
+        if proc.returncode == 0 or attempt or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = [json.loads(line) for line in log.read_text().splitlines()]
     ds = FakePackedDataset(n_packs=8)

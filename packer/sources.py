@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgspec
 import numpy as np
 
 from packer.json_array import ArrayError, read_array, starts_array
@@ -19,6 +20,11 @@ SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 _scan_once = json.JSONDecoder().scan_once  # what json.loads runs, with the same (default) options
+# msgspec's decoder reads a JSON Lines record in 55% of json's time (50k realistic records: 0.147 vs 0.265 s). Where
+# it reads a line at all, it reads the value json.loads reads (fuzzed: 400k mutated records, 400k random floats);
+# what it refuses (NaN, Infinity, numbers beyond a double, escaped lone surrogates, invalid JSON) goes through json.
+# The one difference: values nested deeper than Python's recursion limit, which json cannot hold, parse.
+_msgspec_decode = msgspec.json.Decoder().decode
 
 
 class RawRecord(NamedTuple):
@@ -34,6 +40,11 @@ class RawRecord(NamedTuple):
     def parsed(self) -> Any:
         if not self.raw:
             return self.data
+        if isinstance(self.data, bytes):
+            try:
+                return _msgspec_decode(self.data)
+            except Exception:  # msgspec.DecodeError, ValidationError, RecursionError: json reads it, or says why
+                pass
         try:
             # Strictly UTF-8: json.loads(bytes) would guess UTF-16/32 and let encoded surrogates through.
             text = self.data.decode("utf-8") if isinstance(self.data, bytes) else self.data

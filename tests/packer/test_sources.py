@@ -12,6 +12,7 @@ from packer.sources import (
     BadRecord,
     InputError,
     LineBlock,
+    RawRecord,
     check_inputs,
     count_records,
     read_batches,
@@ -196,3 +197,53 @@ def test_line_blocks_against_a_line_by_line_reference(tmp_path, seed):
         assert got == [(j + 1, n, line) for j, (n, line) in enumerate(lines) if (first + j) % k == i]
         assert sum(b.num_records for b in blocks) == len(lines) == count_records(path)
         assert all(1 <= b.num_records <= per and (b.num_records == 1 or len(b.data) <= cap) for b in blocks)
+
+
+# -- JSON Lines records are parsed by msgspec first, by json where msgspec refuses --------------------------
+
+
+def _json_reads(line: bytes):
+    """What json.loads makes of a line read strictly as UTF-8: ("ok", value) or ("error",)."""
+    try:
+        return "ok", json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return ("error",)
+
+
+def test_parsed_reads_what_json_reads_on_mutated_records():
+    """20k records mutated at random with the bytes JSON and UTF-8 care about: every line that parses gives
+    json's value, to the float bit and the key order (repr), and every line json refuses is a BadRecord."""
+    import random
+
+    bases = [b'{"a":[1,2,{"b":null}],"c":-1.5e3,"d":"\\u00e9\\n\\"x","e":true,"f":0.1}', b'[1, 2.0, "x", -0.0]',
+             b'{"k": {"k": {"k": []}}, "n": 123456789012345678901234567890}', b'  {"x": 1}\t', b'"s"', b"7"]
+    pieces = [b'"', b"\\", b"{", b"}", b"[", b"]", b",", b":", b" ", b"\t", b"\r", b"\x00", b"\x1f", b"\x7f",
+              b"\xc3\xa9", b"\xff", b"\xed\xa0\x80", b"\\u", b"\\ud800", b"\\udc00", b"e", b"E", b"-", b"+", b".",
+              b"0", b"9", b"true", b"nul", b"NaN", b"Infinity", b"\x0c", b"\xc2\xa0", b"\\/", b"\\x", b"1e999"]
+    rng = random.Random(12)
+    parsed_both = refused = 0
+    for _ in range(20_000):
+        line = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randint(0, len(line))
+            if rng.random() < 0.5:
+                line[i:i] = rng.choice(pieces)
+            else:
+                line[i : i + rng.randint(1, 2)] = rng.choice(pieces) if rng.random() < 0.5 else b""
+        line = bytes(line)
+        got = RawRecord("t.jsonl", 1, 1, line, raw=True).parsed()
+        want = _json_reads(line)
+        if want[0] == "ok":
+            assert not isinstance(got, BadRecord) and repr(got) == repr(want[1]), line
+            parsed_both += 1
+        else:
+            assert isinstance(got, BadRecord), line
+            refused += 1
+    assert parsed_both > 2_000 and refused > 2_000  # both sides were exercised
+
+
+@pytest.mark.parametrize("line", [b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": 1e400}', b'{"a": "x\\ud800y"}',
+                                  b'{"a": 99999999999999999999999999999999999999.5e300}'])
+def test_parsed_takes_what_msgspec_refuses_from_json(line):
+    got = RawRecord("t.jsonl", 1, 1, line, raw=True).parsed()
+    assert repr(got) == repr(json.loads(line))

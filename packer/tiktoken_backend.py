@@ -60,6 +60,7 @@ class TiktokenEncoder:
     nfc: bool  # the tokenizer normalizes to NFC: texts that are not NFC must go to `tokenizers`
     token_bytes: np.ndarray  # (vocab,) int64: bytes of each id (special tokens: their UTF-8 text)
     special: dict[str, int] = field(default_factory=dict)  # the added tokens: text -> id
+    _isolated: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     def accepts(self, text: str) -> bool:
         return not self.nfc or unicodedata.is_normalized("NFC", text)
@@ -85,11 +86,17 @@ class TiktokenEncoder:
         benchmarks/tokenizer_throughput.py, with only 2% fewer instructions (callgrind): the per-call conversions."""
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), np.int64,
-                             len(texts))
         ids = self.encoding.encode_to_numpy(joiner.join(texts) + joiner,
                                             allowed_special=self.encoding.special_tokens_set,
                                             disallowed_special=()).astype(np.int64)  # (an intp index is 3x faster)
+        if self.joiner_isolated(joiner):
+            # Every joiner is its own token, so exactly len(texts) of the joiner's id means no text holds one:
+            # they are the joiners, in order (ordinary tokens never have a special token's id, see _build).
+            where = np.flatnonzero(ids == self.special[joiner])
+            if where.size == len(texts):
+                return ids, where
+        nbytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), np.int64,
+                             len(texts))
         ends = np.cumsum(self.token_bytes[ids])
         width = len(joiner.encode("utf-8"))
         at = np.cumsum(nbytes + width)  # where each text's joiner ends, in bytes
@@ -97,6 +104,24 @@ class TiktokenEncoder:
         if where[-1] >= ids.size or not ((ids[where] == self.special[joiner]).all() and (ends[where] == at).all()):
             return None
         return ids, where
+
+    def joiner_isolated(self, joiner: str) -> bool:
+        """True where no special token can match across an occurrence of `joiner`, whatever the texts around it:
+        then tiktoken, which takes the leftmost special-token match, matches every joiner as itself. One would
+        begin before it with an end that runs into it (a proper suffix of a special that is a prefix of the joiner
+        or begins with it: "x<|end", or "~~" after a text ending "~"), or begin with it and be another special
+        ("<|endoftext|>!", or one that is a prefix of the joiner). Where one could, `encode_joined` checks bytes.
+
+            {"<|endoftext|>"}: True     {"<|endoftext|>", "x<|end"}: False     {"~~"}: False
+        """
+        if (isolated := self._isolated.get(joiner)) is None:
+            def overlaps(a: str) -> bool:
+                return a.startswith(joiner) or joiner.startswith(a)
+
+            isolated = not any((s != joiner and overlaps(s)) or any(overlaps(s[k:]) for k in range(1, len(s)))
+                               for s in self.special)
+            self._isolated[joiner] = isolated
+        return isolated
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One call per text: Encoding.encode_batch hands every text to a thread pool (a future per text), which
@@ -224,7 +249,7 @@ def _build(tokenizer_file: Path, tokenizer) -> tuple[TiktokenEncoder | None, str
     # Added tokens are matched in the text before any splitting, as tokenizers does: tiktoken's special tokens.
     special = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
     is_special = np.isin(ids, list(special.values()))
-    for j in np.flatnonzero(is_special).tolist():
+    for j in np.flatnonzero(is_special).tolist():  # so no ordinary token has a special token's id
         del ranks[pieces[j]]
     try:
         encoding = tiktoken.Encoding(name=f"packer:{Path(tokenizer_file).name}", pat_str=pattern,

@@ -165,6 +165,34 @@ def test_one_call_per_batch_gives_the_ids_of_one_call_per_text(name):
         hf, tt = SampleEncoder(tok, info), SampleEncoder(tok, info, twin=twin)
         for got, want in zip(tt.encode_flat(segments), hf.encode_flat(segments), strict=True):
             np.testing.assert_array_equal(got, want)
+    # Without the joiner's text in any text, an isolated joiner is found by its id alone (no byte check).
+    isolated = [j for j in dict.fromkeys([info.eod_token, *list(twin.special)[:3]]) if j in twin.special
+                and twin.joiner_isolated(j)]
+    assert isolated  # the fast path is exercised on every qualifying tokenizer
+    for joiner in isolated:
+        for batch in ([t for t in texts if joiner not in t], [t for t in texts if joiner not in t][::-1]):
+            ids, where = twin.encode_joined(batch, joiner)
+            alone = [twin.encode_flat([t])[0] for t in batch]
+            np.testing.assert_array_equal(ids, np.concatenate([np.append(a, twin.special[joiner]) for a in alone]))
+            np.testing.assert_array_equal(where, np.cumsum([a.size + 1 for a in alone]) - 1)
+
+
+@pytest.mark.parametrize(("specials", "joiner", "isolated"), [
+    (["<|endoftext|>"], "<|endoftext|>", True),
+    (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", True),
+    (["<|endoftext|>", "x<|end"], "<|endoftext|>", False),  # begins before, runs into it
+    (["<|endoftext|>", "<|endoftext|>!"], "<|endoftext|>", False),  # begins with it
+    (["<|endoftext|>", "<|end"], "<|endoftext|>", False),  # a prefix of it, at its start
+    (["<|endoftext|>", "a<|endoftext|>b"], "<|endoftext|>", False),  # covers it
+    (["~~"], "~~", False),  # its end begins it again
+    (["<s>", "</s>"], "</s>", True),
+    (["<s>", "</s>", "s>x"], "</s>", True),  # could begin inside it, but the joiner, leftmost, matches first
+    (["<s>", "</s>", "a</"], "</s>", False),
+])
+def test_joiner_isolated(specials, joiner, isolated):
+    twin = tiktoken_backend.TiktokenEncoder(None, nfc=False, token_bytes=np.zeros(0, np.int64),
+                                            special={s: i for i, s in enumerate(specials)})
+    assert twin.joiner_isolated(joiner) is isolated
 
 
 def test_a_special_token_across_a_boundary_falls_back_to_one_call_per_text(make_tokenizer):

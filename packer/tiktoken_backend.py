@@ -81,7 +81,8 @@ class TiktokenEncoder:
         regex and BPE see only that text), so each text's ids are its own. What could differ is a special-token
         match that runs across a boundary (a special that ends with the joiner's first characters or begins with
         the joiner, or a joiner whose end can begin it again, "~~" after "a~"): then the token at some text's end is
-        not its joiner, starting exactly where the text ends in bytes, which is checked.
+        not its joiner, starting exactly where the text ends in bytes, which is checked, unless no special token
+        can do that (`joiner_isolated`) and the joiner's id occurs once per text.
         One call per batch instead of one per text: bare tiktoken called so ran at 103-120% of one call per text in
         benchmarks/tokenizer_throughput.py, with only 2% fewer instructions (callgrind): the per-call conversions."""
         if not texts:

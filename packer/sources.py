@@ -49,6 +49,7 @@ class RawRecord(NamedTuple):
         try:
             # Strictly UTF-8: json.loads(bytes) would guess UTF-16/32 and let encoded surrogates through.
             text = self.data.decode("utf-8") if isinstance(self.data, bytes) else self.data
+            # (Here: .json array elements, which arrive as text, and the lines msgspec refused.)
             # json.loads' own scanner, called directly: the same value where it reads the whole line (json.loads
             # adds three Python calls and two whitespace matches per record: a fifth of parsing a JSON Lines
             # record). Anything else (surrounding whitespace, invalid JSON) goes through json.loads for its error.
